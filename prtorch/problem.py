@@ -93,11 +93,14 @@ def make_instance(
     per_replica_init: bool = False,
 ) -> Instance:
     """Build the instance fixed by ``seed``: ``w*`` then ``w0`` (shared by all replicas unless
-    ``per_replica_init``), both drawn from one CPU float64 generator."""
+    ``per_replica_init``), both drawn from one CPU float64 generator. The sign of ``w*`` (the
+    problem is invariant under ``w* -> -w*``) is chosen so that ``u(0) >= 0`` for replica 0."""
     gen = torch.Generator().manual_seed(int(seed))
     lam = power_law_spectrum(d, a)
     w_star = make_target(lam, target, gen)
     w0 = make_init(d, replicas if per_replica_init else 1, init, init_norm, gen)
     if not per_replica_init:
         w0 = np.repeat(w0, replicas, axis=0)
+    if np.sum(lam * w0[0] * w_star) < 0:  # w* and -w* are the same target: pick u(0) >= 0
+        w_star = -w_star
     return Instance(lam, w_star, w0, float(a))

@@ -68,6 +68,20 @@ class SimResult:
     extra: dict = field(default_factory=dict)
 
 
+def state_curves(state: SimState, lrs, model: str) -> Curves:
+    """The records held in ``state`` as :class:`Curves` (replica ``r = s * L + l``)."""
+    lrs = np.atleast_1d(np.asarray(lrs, dtype=np.float64))
+    R = state.diverged_step.shape[0]
+    lr_col = np.tile(lrs, R // len(lrs))
+    if not state.records["step"]:
+        empty = np.zeros((0, R))
+        return Curves(model, empty, {k: empty for k in METRICS}, {"replica": np.arange(R), "lr": lr_col})
+    steps = np.asarray(state.records["step"])[:, 0].astype(np.int64)
+    return Curves(model, steps[:, None] * lr_col[None, :],
+                  {k: np.asarray(state.records[k]) for k in METRICS},
+                  {"replica": np.arange(R), "lr": lr_col})
+
+
 def resolve_device(device: str) -> torch.device:
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -91,13 +105,15 @@ def simulate(
     engine: str = "auto",
     state: Optional[SimState] = None,
     on_record: Optional[Callable[[SimState], None]] = None,
+    on_chunk: Optional[Callable[[SimState], None]] = None,
     chunk_elements: int = CHUNK_ELEMENTS,
 ) -> SimResult:
     """Simulate ``n_steps`` of ``algorithm`` and record metrics at ``record_steps``.
 
     lr: float or sequence (``L`` learning rates); ``instance.w0`` has one row per data stream
     (``S = instance.replicas``). ``on_record(state)`` is called after every record point (used
-    for checkpoints and progress). Returns :class:`SimResult` with ``Curves`` of ``R = S * L``.
+    for logging), ``on_chunk(state)`` after every chunk of steps (progress, checkpoints: the
+    generator state is exact there; it may raise to stop the run). Returns :class:`SimResult` with ``Curves`` of ``R = S * L``.
     """
     dev = resolve_device(device)
     eng_name = engines.resolve(engine, dev.type)
@@ -158,17 +174,17 @@ def simulate(
             else:
                 raise ValueError(f"optim.algorithm={algorithm!r}: expected 'sgd' or 'gd'")
             state.step += k
+            if on_chunk is not None:
+                state.rng_state = gen.get_state()
+                on_chunk(state)
         record()
     if dev.type == "cuda":
         torch.cuda.synchronize()
     wall = _time.perf_counter() - t0
     done = state.step - start_step
 
-    steps = np.asarray(state.records["step"])[:, 0].astype(np.int64)
-    lr_col = np.tile(lrs, S)
-    curves = Curves("sgd" if algorithm == "sgd" else "gd", steps[:, None] * lr_col[None, :],
-                    {k: np.asarray(state.records[k]) for k in METRICS},
-                    {"replica": np.arange(R), "lr": lr_col})
+    curves = state_curves(state, lrs, algorithm)
+    lr_col = curves.columns["lr"]
     diverged = [{"replica": int(r), "lr": float(lr_col[r]), "step": int(state.diverged_step[r]),
                  "time": float(state.diverged_step[r] * lr_col[r])}
                 for r in np.flatnonzero(state.diverged_step >= 0)]

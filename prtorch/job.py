@@ -1,0 +1,325 @@
+"""One job, top to bottom: instance -> simulation -> theory -> measurement -> files, figures, W&B.
+
+``run_job(cfg, out_dir)`` takes a plain, resolved config dict (the Hydra app in
+:mod:`prtorch.train` passes one; tests and scripts can build one by hand) and writes into
+``out_dir``:
+
+* ``instance.npz``  lam, w_star, w0 (R, d): recompute any theory on the exact instance;
+* ``metrics.csv``   one row per (time, replica): step, time, replica, lr, mse, loss, s, u;
+* ``theory.csv``    model (gf, sgd_de), init, lr, time, mse, loss, s, u;
+* ``summary.json``  config, status, wall time, steps/s, final metrics, diverged replicas,
+  measured-vs-predicted phases and exponents;
+* ``figures/*.png`` and the W&B run.
+
+Every file is written atomically. While running, ``checkpoint.pt`` (weights, RNG state, step,
+records) is refreshed every ``train.checkpoint_every`` seconds and on SIGTERM/SIGINT; calling
+``run_job`` again on the same directory resumes from it, or returns at once if the run finished.
+"""
+from __future__ import annotations
+
+import io
+import logging
+import math
+import shutil
+import signal
+import sys
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from prtorch import record
+from prtorch.config import ConfigError, identity, learning_rates, validate
+from prtorch.problem import Instance, make_instance
+from prtorch.simulate import SimState, resolve_device, simulate, state_curves
+
+log = logging.getLogger("prtorch")
+FINISHED = ("ok", "diverged")
+METRIC_FIELDS = ["step", "time", "replica", "lr", "mse", "loss", "s", "u"]
+THEORY_FIELDS = ["model", "init", "lr", "time", "mse", "loss", "s", "u"]
+
+
+class Interrupted(Exception):
+    """Raised at a chunk boundary after SIGTERM/SIGINT, once the checkpoint is on disk."""
+
+
+def read_summary(out_dir) -> dict | None:
+    p = Path(out_dir) / "summary.json"
+    if not p.exists():
+        return None
+    import json
+
+    try:
+        return json.loads(p.read_text())
+    except ValueError:
+        return None
+
+
+def run_name(cfg: dict) -> str:
+    d, o = cfg["data"], cfg["optim"]
+    lr = ",".join(f"{x:g}" for x in learning_rates(o["lr"]))
+    exp = f"{cfg['experiment']} " if cfg.get("experiment") else ""
+    return f"{exp}{o['algorithm']} a={d['a']:g} d={d['d']} lr={lr} B={o['batch_size']} seed={cfg['seed']}"
+
+
+def _archive(out: Path) -> None:
+    """Move the files of a different earlier run aside (nothing a user ran is deleted)."""
+    dest = out / "superseded" / time.strftime("%Y%m%d-%H%M%S")
+    dest.mkdir(parents=True, exist_ok=True)
+    for p in out.iterdir():
+        if p.name not in ("superseded", ".hydra") and not p.name.endswith(".log"):
+            shutil.move(str(p), dest / p.name)
+    log.warning("the config changed: the earlier run's files were moved to %s", dest)
+
+
+class _Progress:
+    """tqdm on a terminal; a plain log line every 30 s otherwise (SLURM logs)."""
+
+    def __init__(self, total: int, start: int, enabled: bool, name: str):
+        self.total, self.enabled, self.name = total, enabled, name
+        self.bar = None
+        self.last, self.t0, self.start = time.monotonic(), time.monotonic(), start
+        self.mse = float("nan")
+        if enabled and sys.stderr.isatty():
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=total, initial=start, unit="step", unit_scale=True, desc=name, leave=False)
+
+    def update(self, step: int, mse: float | None = None) -> None:
+        if mse is not None:
+            self.mse = mse
+        if not self.enabled:
+            return
+        if self.bar is not None:
+            self.bar.n = step
+            self.bar.set_postfix_str(f"mse={self.mse:.3g}", refresh=False)
+            self.bar.refresh()
+        elif time.monotonic() - self.last > 30:
+            self.last = time.monotonic()
+            rate = (step - self.start) / max(time.monotonic() - self.t0, 1e-9)
+            eta = (self.total - step) / rate if rate > 0 else float("nan")
+            log.info("%s: step %d/%d (%.1f%%), %.3g steps/s, ETA %.0f s, median mse %.3g",
+                     self.name, step, self.total, 100 * step / self.total, rate, eta, self.mse)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+def run_job(cfg: dict, out_dir, group: str | None = None, job_type: str = "train") -> dict:
+    """Run (or resume, or skip) the job described by ``cfg`` in ``out_dir``; return its summary."""
+    validate(cfg)
+    out = Path(out_dir)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / ".write_test").write_text("")
+        (out / ".write_test").unlink()
+    except OSError as e:
+        raise ConfigError(f"paths.output_dir={str(out)!r}: not writable ({e.strerror})") from None
+    ident = identity(cfg)
+    prev = read_summary(out)
+    if prev is not None and prev.get("identity") != ident:
+        _archive(out)
+        prev = None
+    if prev is not None and prev.get("status") in FINISHED and not cfg["force"]:
+        log.info("already finished (%s): %s", prev["status"], out)
+        prev["skipped"] = True
+        return prev
+
+    t_start = time.perf_counter()
+    d, a, S = cfg["data"]["d"], float(cfg["data"]["a"]), cfg["replicas"]
+    lrs = np.asarray(learning_rates(cfg["optim"]["lr"]))
+    algorithm = cfg["optim"]["algorithm"]
+    dev = resolve_device(cfg["device"])
+    dtype = getattr(torch, cfg["dtype"])
+    n_steps = int(math.ceil(cfg["train"]["time"] / lrs.min() - 1e-9))
+    steps = record.save_steps(n_steps, cfg["train"]["log_per_decade"])
+
+    ckpt_path = out / "checkpoint.pt"
+    state = None
+    if ckpt_path.exists() and not cfg["force"]:
+        ck = torch.load(ckpt_path, map_location="cpu", weights_only=False)
+        if ck.get("identity") == ident:
+            state = SimState.from_dict(ck["state"], dev, dtype)
+            log.info("resuming from step %d of %d (%s)", state.step, n_steps, ckpt_path)
+    if state is not None and (out / "instance.npz").exists():
+        instance = Instance.load(out / "instance.npz")
+    else:
+        instance = make_instance(d, a, S, seed=cfg["seed"], target=cfg["data"]["target"],
+                                 init=cfg["init"]["kind"], init_norm=float(cfg["init"]["norm"]),
+                                 per_replica_init=cfg["init"]["per_replica"])
+        instance.save(out / "instance.npz")
+
+    from prtorch.wandb_log import NullLogger, WandbLogger
+
+    name = run_name(cfg)
+    logger = WandbLogger(cfg, out, name, group, job_type) if cfg["logger"]["kind"] == "wandb" else NullLogger()
+    summary = {"status": "running", "identity": ident, "config": cfg, "name": name,
+               "output_dir": str(out), "device": str(dev)}
+    record.atomic_write_json(out / "summary.json", summary)
+
+    stop = {"signal": None}
+    last_ckpt = {"t": time.monotonic()}
+    progress = _Progress(n_steps, state.step if state else 0, cfg["train"]["progress"], name)
+
+    def save_checkpoint(st: SimState) -> None:
+        buf = io.BytesIO()
+        torch.save({"identity": ident, "state": st.to_dict()}, buf)
+        record._atomic_write(ckpt_path, lambda f: f.write(buf.getvalue()))
+        _write_metrics(out, st, lrs, algorithm, cfg["train"]["time"])
+        last_ckpt["t"] = time.monotonic()
+
+    def on_chunk(st: SimState) -> None:
+        progress.update(st.step)
+        if stop["signal"] is not None:
+            save_checkpoint(st)
+            raise Interrupted(f"stopped by signal {stop['signal']} at step {st.step}; rerun to resume")
+        if time.monotonic() - last_ckpt["t"] > cfg["train"]["checkpoint_every"]:
+            save_checkpoint(st)
+
+    def on_record(st: SimState) -> None:
+        mse = st.records["mse"][-1]
+        with np.errstate(all="ignore"):
+            med = float(np.nanmedian(mse)) if np.isfinite(mse).any() else float("nan")
+        progress.update(st.step, med)
+        row = {"time": float(st.step * lrs.min()), "step": st.step}
+        for k in record.METRICS:
+            v = st.records[k][-1]
+            if np.isfinite(v).any():
+                row[f"{k}/median"] = float(np.nanmedian(v))
+        logger.log_point(row)
+
+    old = _install_signals(stop)
+    try:
+        res = simulate(instance, lrs, n_steps, steps, algorithm=algorithm,
+                       batch_size=cfg["optim"]["batch_size"], label_noise=float(cfg["data"]["label_noise"]),
+                       seed=cfg["seed"], device=str(dev), dtype=dtype, engine=cfg["engine"], state=state,
+                       on_record=on_record, on_chunk=on_chunk)
+    except Interrupted as e:
+        progress.close()
+        summary.update(status="interrupted", error=str(e))
+        record.atomic_write_json(out / "summary.json", summary)
+        logger.finish(summary, failed=True)
+        raise
+    finally:
+        _restore_signals(old)
+    progress.close()
+
+    measured = _trim(res.curves, cfg["train"]["time"])
+    _write_metrics(out, res.extra["state"], lrs, algorithm, cfg["train"]["time"])
+    theory = compute_theory(cfg, instance, measured, lrs)
+    record.atomic_write_csv(out / "theory.csv", (r for c in theory for r in c.rows({"model": c.model})),
+                            THEORY_FIELDS)
+    report = measure(cfg, instance, measured, theory)
+    summary.update(
+        status="diverged" if res.diverged else "ok",
+        engine=res.engine,
+        wall_time=time.perf_counter() - t_start,
+        sim_wall_time=res.wall_time,
+        steps=n_steps,
+        steps_per_second=res.steps_per_second,
+        final=_final(measured),
+        final_theory={c.model: _final(c) for c in theory},
+        diverged=res.diverged,
+        **report,
+    )
+    if cfg["dtype"] == "float32" and np.nanmin(measured.values["mse"]) < 1e-7:
+        summary["warning"] = "MSE fell below ~1e-7, the float32 floor: rerun with dtype=float64 for the late tail"
+        log.warning(summary["warning"])
+    from prtorch.plots import run_figures
+
+    phase_times = {k: v["measured"]["value"] for k, v in report.get("phases", {}).items()
+                   if isinstance(v, dict) and isinstance(v.get("measured"), dict)}
+    figures = run_figures(out / "figures", measured, theory, phase_times, title=name)
+    summary["figures"] = [str(p) for p in figures]
+    record.atomic_write_json(out / "summary.json", summary)
+    logger.finish(summary, measured, theory, figures)
+    if ckpt_path.exists():
+        ckpt_path.unlink()
+    return summary
+
+
+def _trim(c: record.Curves, t_end: float) -> record.Curves:
+    """Drop record points past the horizon (replicas with a larger lr ran more time)."""
+    time_ = c.time.copy()
+    time_[time_ > t_end * (1 + 1e-9)] = np.nan
+    vals = {k: np.where(np.isfinite(time_), v, np.nan) for k, v in c.values.items()}
+    return record.Curves(c.model, time_, vals, c.columns)
+
+
+def _write_metrics(out: Path, st: SimState, lrs, algorithm: str, t_end: float) -> None:
+    rows = list(_trim(state_curves(st, lrs, algorithm), t_end).rows())
+    for row in rows:  # time = lr * step exactly
+        row["step"] = int(round(row["time"] / row["lr"]))
+    record.atomic_write_csv(out / "metrics.csv", rows, METRIC_FIELDS)
+
+
+def compute_theory(cfg: dict, instance: Instance, measured: record.Curves, lrs) -> list:
+    """GF (and, for SGD, its deterministic equivalent) from the same init(s), on a log grid."""
+    th = cfg["theory"]
+    t_end = float(cfg["train"]["time"])
+    times = record.save_times(t_end, max(cfg["train"]["log_per_decade"], 10), float(np.min(lrs)))
+    inits = np.unique(instance.w0, axis=0) if not cfg["init"]["per_replica"] else instance.w0
+    out = []
+    if th["gf"]:
+        from prtorch.theory.gradient_flow import gf_curves
+
+        out.append(gf_curves(inits, instance.lam, instance.w_star, times, rtol=th["rtol"]))
+    if th["sgd_de"] and cfg["optim"]["algorithm"] == "sgd":
+        try:
+            from prtorch.theory.sgd_equivalent import sgd_de_curves
+        except ImportError:
+            sgd_de_curves = None
+        if sgd_de_curves is not None:
+            w0 = np.repeat(inits, len(lrs), axis=0)
+            lr = np.tile(lrs, len(inits))
+            c = sgd_de_curves(w0, instance.lam, instance.w_star, times, lr,
+                              batch_size=cfg["optim"]["batch_size"],
+                              label_noise=float(cfg["data"]["label_noise"]), rtol=th["rtol"])
+            out.append(c)
+    return out
+
+
+def measure(cfg: dict, instance: Instance, measured: record.Curves, theory: list) -> dict:
+    """Measured-vs-predicted phases and exponents (``phases`` and ``exponents`` sections)."""
+    try:
+        from prtorch.theory.measure import phase_report
+    except ImportError:
+        return {}
+    m = cfg["measure"]
+    return phase_report(measured, {c.model: c for c in theory}, instance.lam, instance.w_star,
+                        instance.w0, delta=m["delta"], eps=m["eps"], n_bootstrap=m["bootstrap"],
+                        seed=cfg["seed"])
+
+
+def _final(c: record.Curves) -> dict:
+    """Median over curves of each metric at its last finite point."""
+    out = {}
+    for k, v in c.values.items():
+        last = []
+        for r in range(v.shape[1]):
+            f = np.flatnonzero(np.isfinite(v[:, r]))
+            if len(f):
+                last.append(v[f[-1], r])
+        out[k] = float(np.median(last)) if last else float("nan")
+    return out
+
+
+def _install_signals(stop: dict):
+    if threading.current_thread() is not threading.main_thread():
+        return None
+
+    def handler(signum, frame):
+        if stop["signal"] is not None:  # second signal: stop now
+            raise KeyboardInterrupt
+        stop["signal"] = signum
+        log.warning("signal %d: checkpointing at the next chunk, then stopping", signum)
+
+    return {s: signal.signal(s, handler) for s in (signal.SIGTERM, signal.SIGINT)}
+
+
+def _restore_signals(old) -> None:
+    for s, h in (old or {}).items():
+        signal.signal(s, h)

@@ -1,0 +1,108 @@
+"""Figures from :class:`~prtorch.record.Curves`: measured replicas (thin), their median (bold) and
+theory (dashed) on one axis. Matplotlib is imported here only (the Agg backend: no display needed).
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+LOG_METRICS = {"mse": True, "loss": True}
+LABELS = {"mse": "parameter MSE  min(||w-w*||², ||w+w*||²)/d", "loss": "population loss L(w)",
+          "s": "s = wᵀQw", "u": "u = wᵀQw*", "one_minus_u": "1 - |u|"}
+THEORY_STYLE = {"gf": dict(color="k", ls="--", lw=1.8, label="gradient flow (theory)"),
+                "sgd_de": dict(ls=":", lw=2.2, label="SGD deterministic equivalent"),
+                "phase3": dict(color="tab:purple", ls="-.", lw=1.5, label="Phase III: MSE(T2)·S(τ)")}
+
+
+def _plt():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _positive(t, v, log_y):
+    m = np.isfinite(t) & np.isfinite(v) & (t > 0)
+    if log_y:
+        m &= v > 0
+    return t[m], v[m]
+
+
+def draw_metric(ax, metric, measured, theory=(), phases=None, transform=None):
+    """Replicas thin, median bold (one colour per learning rate), theory dashed, phase times dotted."""
+    f = transform or (lambda v: v)
+    log_y = LOG_METRICS.get(metric, False) or metric == "one_minus_u"
+    src = "u" if metric == "one_minus_u" else metric
+    tf = (lambda v: 1 - np.abs(v)) if metric == "one_minus_u" else f
+    colors = {}
+    if measured is not None:
+        lrs = measured.columns.get("lr", np.zeros(measured.n_curves))
+        for i, lr in enumerate(np.unique(lrs)):
+            colors[lr] = f"C{i}"
+            sel = np.flatnonzero(lrs == lr)
+            for r in sel:
+                ax.plot(*_positive(measured.time[:, r], tf(measured.values[src][:, r]), log_y),
+                        color=colors[lr], lw=0.5, alpha=0.35)
+            t = np.nanmedian(measured.time[:, sel], axis=1)
+            with np.errstate(all="ignore"):
+                med = np.nanmedian(tf(measured.values[src][:, sel]), axis=1)
+            lab = f"{measured.model.upper()} median of {len(sel)}" + (f" (lr={lr:g})" if len(np.unique(lrs)) > 1 or lr else "")
+            ax.plot(*_positive(t, med, log_y), color=colors[lr], lw=2.2, label=lab)
+    for th in theory:
+        style = dict(THEORY_STYLE.get(th.model, dict(ls="--", label=th.model)))
+        lrs = th.columns.get("lr")
+        for r in range(th.n_curves):
+            st = dict(style)
+            if lrs is not None and th.model == "sgd_de":
+                st["color"] = colors.get(lrs[r], f"C{r}")
+                st["label"] = f"{style['label']} (lr={lrs[r]:g})"
+            if r > 0 and th.model == "gf":
+                st.pop("label", None)
+            ax.plot(*_positive(th.time[:, r], tf(th.values[src][:, r]), log_y), **st)
+    for name, t in (phases or {}).items():
+        if t is not None and np.isfinite(t) and t > 0:
+            ax.axvline(t, color="gray", ls=":", lw=1)
+            ax.text(t, 0.98, f" {name}", transform=ax.get_xaxis_transform(), va="top", fontsize=8, color="gray")
+    ax.set_xscale("log")
+    if log_y:
+        ax.set_yscale("log")
+    ax.set_xlabel("time t = lr · steps")
+    ax.set_ylabel(LABELS.get(metric, metric))
+    ax.grid(True, which="both", alpha=0.2)
+    ax.legend(fontsize=8, loc="best")
+
+
+def run_figures(out_dir, measured, theory=(), phases=None, title="") -> list:
+    """Write ``mse.png``, ``loss.png``, ``su.png`` and ``one_minus_u.png`` into ``out_dir``; return paths."""
+    plt = _plt()
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for metric in ("mse", "loss", "one_minus_u"):
+        fig, ax = plt.subplots(figsize=(7, 4.5))
+        draw_metric(ax, metric, measured, theory, phases)
+        ax.set_title(title, fontsize=9)
+        paths.append(_save(fig, out / f"{metric}.png"))
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
+    for ax, m in zip(axes, ("u", "s")):
+        draw_metric(ax, m, measured, theory, phases)
+        if m == "u":
+            ax.set_ylim(-1.05, 1.05)
+        ax.axhline(1 / 3 if m == "s" else 0, color="gray", lw=0.8)
+    fig.suptitle(title, fontsize=9)
+    paths.append(_save(fig, out / "su.png"))
+    return paths
+
+
+def _save(fig, path: Path) -> Path:
+    import os
+
+    fig.tight_layout()
+    tmp = path.with_name(f".{path.stem}.tmp.png")
+    fig.savefig(tmp, dpi=110)
+    os.replace(tmp, path)
+    _plt().close(fig)
+    return path
