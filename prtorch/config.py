@@ -99,7 +99,7 @@ class Config:
     dtype: str = "float32"
     engine: str = "auto"
     force: bool = False           # recompute even if the output dir holds a finished run
-    experiment: Optional[str] = None  # name of the preset, set by conf/experiment/*.yaml
+    name: Optional[str] = None    # name of the experiment preset (set by conf/experiment/*.yaml)
     sweep_name: Optional[str] = None  # multirun folder name (default: a timestamp)
 
 

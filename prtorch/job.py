@@ -60,7 +60,7 @@ def read_summary(out_dir) -> dict | None:
 def run_name(cfg: dict) -> str:
     d, o = cfg["data"], cfg["optim"]
     lr = ",".join(f"{x:g}" for x in learning_rates(o["lr"]))
-    exp = f"{cfg['experiment']} " if cfg.get("experiment") else ""
+    exp = f"{cfg['name']} " if cfg.get("name") else ""
     return f"{exp}{o['algorithm']} a={d['a']:g} d={d['d']} lr={lr} B={o['batch_size']} seed={cfg['seed']}"
 
 
@@ -250,7 +250,8 @@ def _trim(c: record.Curves, t_end: float) -> record.Curves:
 
 
 def _write_metrics(out: Path, st: SimState, lrs, algorithm: str, t_end: float) -> None:
-    rows = list(_trim(state_curves(st, lrs, algorithm), t_end).rows())
+    # a diverged replica has no rows after its divergence (NaN is never written as data)
+    rows = [r for r in _trim(state_curves(st, lrs, algorithm), t_end).rows() if np.isfinite(r["mse"])]
     for row in rows:  # time = lr * step exactly
         row["step"] = int(round(row["time"] / row["lr"]))
     record.atomic_write_csv(out / "metrics.csv", rows, METRIC_FIELDS)

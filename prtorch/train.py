@@ -46,12 +46,26 @@ register()
 
 
 def _one_line(e: BaseException) -> str:
-    msg = str(e).strip().splitlines()
-    first = next((ln.strip() for ln in msg if ln.strip()), type(e).__name__)
-    if "full_key:" in str(e):  # omegaconf: say which key
-        key = next((ln.split("full_key:")[1].strip() for ln in msg if "full_key:" in ln), "")
-        first = f"{key}: {first}" if key and key not in first else first
-    return first
+    """One line from a (Hydra/OmegaConf) exception: its first line, the cause's, the key, options."""
+    def first_line(x):
+        return next((ln.strip() for ln in str(x).strip().splitlines() if ln.strip()), type(x).__name__)
+
+    line = first_line(e)
+    cause = e.__cause__ or e.__context__
+    if cause is not None and first_line(cause) not in line:
+        line = f"{line}: {first_line(cause)}"
+    text = str(e) + str(cause or "")
+    if "full_key:" in text and "Could not override" not in line:
+        key = text.split("full_key:")[1].split()[0]
+        line = line if key in line else f"{key}: {line}"
+    import re
+
+    m = re.search(r"Could not find '([\w/]+)/([^']*)'", line) or re.search(r"Could not load '([\w/]+)/([^']*)'", line)
+    if m:  # an unknown config-group option: name the valid ones
+        group = m.group(1)
+        opts = sorted(p.stem for p in (Path(CONF_DIR) / group).glob("*.yaml"))
+        line = f"{group}={m.group(2)!r}: no such option (available: {', '.join(opts)})"
+    return line
 
 
 def precheck(argv: list[str]) -> None:
@@ -112,10 +126,13 @@ def precheck(argv: list[str]) -> None:
 
 def _check_writable(root: str) -> None:
     p = Path(root).absolute()
-    while not p.exists():
-        p = p.parent
-    if not os.access(p, os.W_OK):
-        raise ConfigError(f"paths.root={root!r}: cannot write under {str(p)!r}")
+    try:
+        p.mkdir(parents=True, exist_ok=True)
+        probe = p / f".prtorch-write-test-{os.getpid()}"
+        probe.write_text("")
+        probe.unlink()
+    except OSError as e:
+        raise ConfigError(f"paths.root={root!r}: cannot write there ({e.strerror or e})") from None
 
 
 def task(cfg) -> dict | None:

@@ -22,6 +22,8 @@ Accumulation is in the dtype of ``W`` (float32 or float64), like the reference.
 """
 from __future__ import annotations
 
+import functools
+
 import numba  # noqa: F401  (ImportError here -> engine unavailable)
 import numpy as np
 import torch
@@ -36,73 +38,71 @@ PARALLEL_MIN_WORK = 1 << 16
 
 
 @njit(**_OPTS)
-def _sgd_block(W, z, xi, has_noise, noise, step, sl, ws, s, l0, l1):
-    """Advance ``W[s, l0:l1]`` over the chunk ``z[:, s]`` (serial; called once per task)."""
+def _sgd_block(W, z, xi, has_noise, noise, step, sl, ws, s0, s1, l0, l1):
+    """Advance ``W[s0:s1, l0:l1]`` over the chunk (serial; one call per parallel task).
+
+    Steps outermost, streams inside: consecutive samples ``z[k, s0:s1]`` are contiguous in memory,
+    so the chunk is read front to back (prefetch-friendly) whatever the number of streams.
+    """
     K = z.shape[0]
     B = z.shape[2]
     d = z.shape[3]
     nl = l1 - l0
+    zero = np.zeros(1, dtype=W.dtype)[0]  # 0 in W's dtype (keeps float32 arithmetic float32)
     y = np.empty(B, dtype=W.dtype)
     p = np.empty((nl, B), dtype=W.dtype)
     x = np.empty(d, dtype=W.dtype)
-    zero = np.zeros(1, dtype=W.dtype)[0]  # 0 in W's dtype (keeps float32 arithmetic float32)
     for k in range(K):
-        for b in range(B):
-            zb = z[k, s, b]
-            w0 = W[s, l0]
-            v = zero
-            p0 = zero
-            # fused pass: x = sqrt(lam) z, v = <x, w*>, p = <x, W[s, l0]>
-            for i in range(d):
-                xv = sl[i] * zb[i]
-                v += xv * ws[i]
-                p0 += xv * w0[i]
-            if has_noise:
-                y[b] = v * v + noise * xi[k, s, b]
-            else:
-                y[b] = v * v
-            p[0, b] = p0
-            for j in range(1, nl):
-                wl = W[s, l0 + j]
-                q = zero
+        for s in range(s0, s1):
+            for b in range(B):
+                zb = z[k, s, b]
+                w0 = W[s, l0]
+                v = zero
+                p0 = zero
+                # fused pass: x = sqrt(lam) z, v = <x, w*>, p = <x, W[s, l0]>
                 for i in range(d):
-                    q += (sl[i] * zb[i]) * wl[i]
-                p[j, b] = q
-        for j in range(nl):
-            wl = W[s, l0 + j]
-            st = step[l0 + j]
-            if B == 1:
-                pb = p[j, 0]
-                c = st * ((pb * pb - y[0]) * pb)
-                zb = z[k, s, 0]
-                for i in range(d):
-                    wl[i] -= c * (sl[i] * zb[i])
-            else:
-                # sum over the batch first (as the reference does), then one update of W
-                for i in range(d):
-                    x[i] = zero
-                for b in range(B):
-                    pb = p[j, b]
-                    c = (pb * pb - y[b]) * pb
-                    zb = z[k, s, b]
+                    xv = sl[i] * zb[i]
+                    v += xv * ws[i]
+                    p0 += xv * w0[i]
+                if has_noise:
+                    y[b] = v * v + noise * xi[k, s, b]
+                else:
+                    y[b] = v * v
+                p[0, b] = p0
+                for j in range(1, nl):
+                    wl = W[s, l0 + j]
+                    q = zero
                     for i in range(d):
-                        x[i] += c * (sl[i] * zb[i])
-                for i in range(d):
-                    wl[i] -= st * x[i]
+                        q += (sl[i] * zb[i]) * wl[i]
+                    p[j, b] = q
+            for j in range(nl):
+                wl = W[s, l0 + j]
+                st = step[l0 + j]
+                if B == 1:
+                    pb = p[j, 0]
+                    c = st * ((pb * pb - y[0]) * pb)
+                    zb = z[k, s, 0]
+                    for i in range(d):
+                        wl[i] -= c * (sl[i] * zb[i])
+                else:
+                    # sum over the batch first (as the reference does), then one update of W
+                    for i in range(d):
+                        x[i] = zero
+                    for b in range(B):
+                        pb = p[j, b]
+                        c = (pb * pb - y[b]) * pb
+                        zb = z[k, s, b]
+                        for i in range(d):
+                            x[i] += c * (sl[i] * zb[i])
+                    for i in range(d):
+                        wl[i] -= st * x[i]
 
 
-def _sgd_streams_py(W, z, xi, has_noise, noise, step, sl, ws):
-    L = W.shape[1]
-    for s in prange(W.shape[0]):
-        _sgd_block(W, z, xi, has_noise, noise, step, sl, ws, s, 0, L)
-
-
-def _sgd_replicas_py(W, z, xi, has_noise, noise, step, sl, ws):
-    L = W.shape[1]
-    for r in prange(W.shape[0] * L):
-        s = r // L
-        l = r - s * L
-        _sgd_block(W, z, xi, has_noise, noise, step, sl, ws, s, l, l + 1)
+def _sgd_tasks_py(W, z, xi, has_noise, noise, step, sl, ws, tasks):
+    """Run the blocks ``tasks[t] = (s0, s1, l0, l1)`` (disjoint; in parallel when compiled so)."""
+    for t in prange(tasks.shape[0]):
+        _sgd_block(W, z, xi, has_noise, noise, step, sl, ws,
+                   tasks[t, 0], tasks[t, 1], tasks[t, 2], tasks[t, 3])
 
 
 def _gd_py(W, n, lr, lam, lws, consts):
@@ -128,9 +128,8 @@ def _gd_py(W, n, lr, lam, lws, consts):
                 w[i] -= lam[i] * (a * w[i] - c * lws[i])
 
 
-_sgd_streams_ser = njit(parallel=False, **_OPTS)(_sgd_streams_py)
-_sgd_streams_par = njit(parallel=True, **_OPTS)(_sgd_streams_py)
-_sgd_replicas_par = njit(parallel=True, **_OPTS)(_sgd_replicas_py)
+_sgd_ser = njit(parallel=False, **_OPTS)(_sgd_tasks_py)
+_sgd_par = njit(parallel=True, **_OPTS)(_sgd_tasks_py)
 _gd_ser = njit(parallel=False, **_OPTS)(_gd_py)
 _gd_par = njit(parallel=True, **_OPTS)(_gd_py)
 
@@ -142,12 +141,14 @@ def _threads() -> int:
         return 1
 
 
-def _np(t: torch.Tensor, dtype) -> np.ndarray:
+def _vec(t, dtype) -> np.ndarray:
+    """A 1-D C-contiguous numpy array of ``t`` (a CPU tensor) in ``dtype`` (a view when possible)."""
     if t.device.type != "cpu":
         raise ValueError(f"engine='numba' runs on the CPU; got a tensor on {t.device}")
     if t.dtype != dtype:
         t = t.to(dtype)
-    return t.detach().numpy()
+    a = t.detach().numpy().reshape(-1)
+    return a if a.flags.c_contiguous else np.ascontiguousarray(a)
 
 
 def _work_on(W: torch.Tensor):
@@ -162,44 +163,81 @@ def _work_on(W: torch.Tensor):
     return Wc.numpy(), Wc
 
 
-def choose_kernel(S: int, L: int, work: int, threads: int | None = None) -> str:
-    """Which SGD kernel to run: ``serial``, ``streams`` (parallel over S) or ``replicas`` (over S*L)."""
+def _split(n: int, parts: int):
+    edges = np.linspace(0, n, parts + 1).round().astype(np.int64)
+    return [(int(a), int(b)) for a, b in zip(edges[:-1], edges[1:]) if b > a]
+
+
+@functools.lru_cache(maxsize=256)
+def _plan(S: int, L: int, parallel: bool, threads: int) -> np.ndarray:
+    if not parallel:
+        return np.array([[0, S, 0, L]], dtype=np.int64)
+    parts = 4 * threads
+    if S >= threads:
+        blocks = [(a, b, 0, L) for a, b in _split(S, min(S, parts))]
+    else:
+        blocks = [(s, s + 1, a, b) for s in range(S) for a, b in _split(L, min(L, max(1, parts // S)))]
+    return np.array(blocks, dtype=np.int64)
+
+
+def plan_tasks(S: int, L: int, work: int, threads: int | None = None) -> np.ndarray:
+    """Disjoint blocks ``(s0, s1, l0, l1)`` of ``W`` for the SGD kernel; one block means serial.
+
+    Parallel only when there are >= 2 threads, >= 2 replicas and enough work per chunk to pay for
+    waking the pool. Split by stream when there are at least as many streams as threads (each
+    stream's inputs are then read by one thread only), else by learning rate. A few blocks per
+    thread, handed out dynamically, keep both cores busy when a neighbour steals one for a while.
+    """
     threads = _threads() if threads is None else threads
-    if threads < 2 or work < PARALLEL_MIN_WORK or S * L < 2:
-        return "serial"
-    return "streams" if S >= threads else "replicas"
+    parallel = threads >= 2 and work >= PARALLEL_MIN_WORK and S * L >= 2
+    return _plan(S, L, parallel, threads if parallel else 1)
 
 
 def sgd_steps(W, z, xi, lr, sqrt_lam, w_star, label_noise: float):
     """Advance ``W`` (``(S, L, d)``, in place) over the chunk ``z`` (``(K, S, B, d)``); see reference."""
     Wn, Wc = _work_on(W)
-    dt = Wn.dtype
     tdt = W.dtype
-    zn = _np(z, tdt)
+    if z.device.type != "cpu":
+        raise ValueError(f"engine='numba' runs on the CPU; z is on {z.device}")
+    zn = z.detach().to(tdt).numpy()
     if not zn.flags.c_contiguous:
         zn = np.ascontiguousarray(zn)
     K, S, B, d = zn.shape
+    L = Wn.shape[1]
     if Wn.shape[0] != S or Wn.shape[2] != d:
         raise ValueError(f"W {tuple(Wn.shape)} does not match z {tuple(zn.shape)}")
+    dt = Wn.dtype
     has_noise = xi is not None and label_noise != 0.0
-    xin = _np(xi, tdt) if has_noise else np.zeros((1, 1, 1), dtype=dt)
-    # (4 / B) * lr rounded in W's dtype, exactly as the reference computes it
-    step = np.ascontiguousarray(((4.0 / B) * _np(lr, tdt).reshape(-1)).astype(dt))
-    args = (Wn, zn, xin, has_noise, dt.type(label_noise), step,
-            np.ascontiguousarray(_np(sqrt_lam, tdt).reshape(-1)),
-            np.ascontiguousarray(_np(w_star, tdt).reshape(-1)))
+    if has_noise:
+        if xi.device.type != "cpu":
+            raise ValueError(f"engine='numba' runs on the CPU; xi is on {xi.device}")
+        xin = xi.detach().to(tdt).numpy()
+        if xin.shape != (K, S, B):
+            raise ValueError(f"xi {xin.shape} does not match z {zn.shape}")
+        if not xin.flags.c_contiguous:
+            xin = np.ascontiguousarray(xin)
+    else:
+        xin = _DUMMY[dt.char]
+    # (4 / B) * lr rounded in W's dtype, as the reference computes it
+    step = _vec(lr, tdt) * dt.type(4.0 / B)
+    if step.shape[0] != L:
+        raise ValueError(f"lr has {step.shape[0]} entries, W has L={L}")
     if K > 0:
-        L = Wn.shape[1]
-        kind = choose_kernel(S, L, K * S * B * d * L)
-        if kind == "serial":
-            _sgd_streams_ser(*args)
-        elif kind == "streams":
-            _sgd_streams_par(*args)
+        tasks = plan_tasks(S, L, K * S * B * d * L)
+        args = (Wn, zn, xin, has_noise, dt.type(label_noise), step, _vec(sqrt_lam, tdt),
+                _vec(w_star, tdt), tasks)
+        if tasks.shape[0] == 1:
+            _sgd_ser(*args)
         else:
-            _sgd_replicas_par(*args)
+            with numba.parallel_chunksize(1):
+                _sgd_par(*args)
     if Wc is not None:
         W.copy_(Wc)
     return W
+
+
+_DUMMY = {np.dtype(np.float32).char: np.zeros((1, 1, 1), np.float32),
+          np.dtype(np.float64).char: np.zeros((1, 1, 1), np.float64)}
 
 
 def gd_steps(W, n: int, lr, lam, w_star, s_star):
@@ -207,14 +245,16 @@ def gd_steps(W, n: int, lr, lam, w_star, s_star):
     Wn, Wc = _work_on(W)
     dt = Wn.dtype
     tdt = W.dtype
-    lam_n = np.ascontiguousarray(_np(lam, tdt).reshape(-1))
-    ws_n = np.ascontiguousarray(_np(w_star, tdt).reshape(-1))
-    consts = np.array([0.0, 12.0, 4.0 * float(s_star), 8.0], dtype=dt)
-    args = (Wn, int(n), np.ascontiguousarray(_np(lr, tdt).reshape(-1)), lam_n, ws_n, consts)
     S, L, d = Wn.shape
+    lr_n = _vec(lr, tdt)
+    if lr_n.shape[0] != L:
+        raise ValueError(f"lr has {lr_n.shape[0]} entries, W has L={L}")
+    consts = np.array([0.0, 12.0, 4.0 * float(s_star), 8.0], dtype=dt)
+    args = (Wn, int(n), lr_n, _vec(lam, tdt), _vec(w_star, tdt), consts)
     if n > 0:
         if _threads() >= 2 and S * L >= 2 and n * S * L * d >= PARALLEL_MIN_WORK:
-            _gd_par(*args)
+            with numba.parallel_chunksize(1):
+                _gd_par(*args)
         else:
             _gd_ser(*args)
     if Wc is not None:
@@ -233,9 +273,10 @@ def warmup(dtypes=(torch.float32, torch.float64)) -> None:
             z = torch.zeros(1, S, B, d, **kw)
             lr = torch.zeros(L, **kw)
             xin = torch.zeros(1, S, B, **kw)
-            for kern in (_sgd_streams_ser, _sgd_streams_par, _sgd_replicas_par):
+            tasks = np.array([[0, S, 0, L]], dtype=np.int64)
+            for kern in (_sgd_ser, _sgd_par):
                 for noise in (False, True):
                     kern(W.numpy(), z.numpy(), xin.numpy(), noise, W.numpy().dtype.type(0.1),
-                         lr.numpy(), sl.numpy(), ws.numpy())
+                         lr.numpy(), sl.numpy(), ws.numpy(), tasks)
             for kern in (_gd_ser, _gd_par):
                 kern(W.numpy(), 1, lr.numpy(), sl.numpy(), ws.numpy(), np.zeros(4, W.numpy().dtype))

@@ -63,30 +63,49 @@ def integrate(
     h0: float = 1e-3,
     h_max: float = np.inf,
     max_steps: int = 1_000_000,
+    blowup: float = 1e8,
 ):
     """States at ``times`` (sorted, ``times[0]`` = start) of ``dy/dt`` given by ``scalars``/``flow``.
 
     error_norm(y_coarse, y_fine) -> (N,) scaled error (accept when <= rtol).
+    A trajectory whose scalars leave ``[-blowup, blowup]`` (or stop being finite) is *diverged*:
+    its states are NaN from then on and it no longer limits the step size of the others.
     Returns (states array ``(len(times),) + y0.shape``, number of accepted steps).
     """
     y = np.array(y0, dtype=np.float64)
     out = np.empty((len(times),) + y.shape)
     out[0] = y
+    alive = np.ones(y.shape[0], dtype=bool)
     t, h, n_steps = float(times[0]), float(h0), 0
     for k in range(1, len(times)):
         t_next = float(times[k])
-        while t < t_next * (1 - 1e-14) - 1e-300:
+        while t < t_next * (1 - 1e-14) - 1e-300 and alive.any():
             hh = min(h, t_next - t, h_max)
-            coarse = _implicit_step(y, hh, scalars, flow)
-            half = _implicit_step(y, hh / 2, scalars, flow)
-            fine = _implicit_step(half, hh / 2, scalars, flow)
-            err = float(np.max(error_norm(coarse, fine))) / rtol
-            if not np.isfinite(err):
-                err = 1e3
+            with np.errstate(all="ignore"):
+                ya = y[alive]
+                coarse = _implicit_step(ya, hh, scalars, flow)
+                half = _implicit_step(ya, hh / 2, scalars, flow)
+                fine = _implicit_step(half, hh / 2, scalars, flow)
+                errs = error_norm(coarse, fine)
+                new = 2.0 * fine - coarse  # local Richardson extrapolation (order 1 -> 2)
+                c = scalars(new)
+            dying = ~np.all(np.isfinite(c) & (np.abs(c) < blowup), axis=1)
+            if hh <= 1e-9 * max(t, 1.0) and dying.any():
+                # a trajectory that blows up within any step, however small, has diverged
+                idx = np.flatnonzero(alive)[dying]
+                alive[idx] = False
+                y[idx] = np.nan
+                continue
+            errs = np.where(np.isfinite(errs), errs, 1e3 * rtol)
+            err = float(np.max(errs)) / rtol if errs.size else 0.0
             if err <= 1.0:
-                y = 2.0 * fine - coarse  # local Richardson extrapolation (order 1 -> 2)
+                y[alive] = new
                 t += hh
                 n_steps += 1
+                if dying.any():
+                    idx = np.flatnonzero(alive)[dying]
+                    alive[idx] = False
+                    y[idx] = np.nan
                 if n_steps > max_steps:
                     raise RuntimeError("integrator: too many steps")
                 grow = 2.0 if err < 1e-4 else min(2.0, 0.9 * err ** (-1 / 2))
@@ -94,7 +113,5 @@ def integrate(
                     h = hh * grow
             else:
                 h = hh * max(0.1, 0.9 * err ** (-1 / 2))
-                if h < 1e-14:
-                    raise RuntimeError("integrator: step size underflow")
         out[k] = y
     return out, n_steps

@@ -1,0 +1,84 @@
+"""The real CLI: a short run writes every file with the right contents; a two-job multirun;
+divergence is recorded; finished work is skipped."""
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from prtorch.record import read_csv
+
+SMALL = ["data.d=40", "data.a=1.5", "train.time=30", "train.log_per_decade=8", "replicas=3",
+         "optim.lr=0.01", "theory.sgd_de=true"]
+
+
+def cli(tmp_path, *args, check=True):
+    env = dict(os.environ, WANDB_MODE="disabled", PYTHONUNBUFFERED="1")
+    flags = [a for a in args if a.startswith("-")]  # Hydra wants flags before overrides
+    rest = [a for a in args if not a.startswith("-")]
+    p = subprocess.run([sys.executable, "-m", "prtorch.train", *flags, f"paths.root={tmp_path}", *rest],
+                       capture_output=True, text=True, env=env, timeout=300)
+    if check:
+        assert p.returncode == 0, p.stderr[-3000:]
+    return p
+
+
+def test_single_run_writes_all_files(tmp_path):
+    p = cli(tmp_path, *SMALL, "logger=none")
+    run = tmp_path / "runs" / "data.a=1.5,data.d=40,optim.lr=0.01,replicas=3,theory.sgd_de=true,train.log_per_decade=8,train.time=30"
+    assert str(run) in p.stdout
+    s = json.loads((run / "summary.json").read_text())
+    assert s["status"] == "ok" and s["steps"] == 3000 and s["steps_per_second"] > 0
+    assert s["config"]["data"]["d"] == 40 and s["wall_time"] > 0
+    assert set(s["final"]) >= {"mse", "loss", "s", "u"}
+    m = read_csv(run / "metrics.csv")
+    assert {"step", "time", "replica", "lr", "mse", "loss", "s", "u"} <= set(m)
+    assert m["time"].max() == pytest.approx(30.0) and m["time"].min() == 0.0
+    assert np.allclose(m["time"], m["step"] * m["lr"])
+    assert set(m["replica"]) == {0, 1, 2}
+    # log-spaced: ~8 points per decade of steps, plus 0 and the end
+    n_times = len(np.unique(m["time"]))
+    assert 20 <= n_times <= 40
+    t = read_csv(run / "theory.csv")
+    assert set(np.unique(t["model"])) == {"gf", "sgd_de"}
+    z = np.load(run / "instance.npz")
+    assert z["w0"].shape == (3, 40) and z["lam"].shape == (40,) and z["w_star"].shape == (40,)
+    # the logged metrics are those of the stored instance: recompute loss from s, u
+    ss = float(np.sum(z["lam"] * z["w_star"] ** 2))
+    assert np.allclose(m["loss"], 3 * m["s"] ** 2 + 3 * ss**2 - 4 * m["u"] ** 2 - 2 * m["s"] * ss, rtol=1e-5, atol=1e-6)
+    # at t=0 the metrics are those of w0
+    w0 = z["w0"][0]
+    i0 = np.flatnonzero((m["time"] == 0) & (m["replica"] == 0))[0]
+    assert m["s"][i0] == pytest.approx(float(np.sum(z["lam"] * w0**2)), rel=1e-5)
+    for f in ("mse.png", "loss.png", "su.png", "one_minus_u.png"):
+        assert (run / "figures" / f).stat().st_size > 10_000
+    # re-running the same command skips the finished run
+    p2 = cli(tmp_path, *SMALL, "logger=none")
+    assert "skipped" in p2.stdout
+    assert json.loads((run / "summary.json").read_text())["wall_time"] == s["wall_time"]
+
+
+def test_two_job_multirun(tmp_path):
+    p = cli(tmp_path, "-m", "data.a=1.5,2", "data.d=30", "train.time=10", "replicas=2", "logger=none",
+            "sweep_name=sw")
+    jobs = sorted((tmp_path / "multirun" / "sw").glob("*/summary.json"))
+    assert len(jobs) == 2, p.stdout + p.stderr
+    a = sorted(json.loads(j.read_text())["config"]["data"]["a"] for j in jobs)
+    assert a == [1.5, 2.0]
+    assert all(json.loads(j.read_text())["status"] == "ok" for j in jobs)
+
+
+def test_divergence_is_recorded_and_others_go_on(tmp_path):
+    cli(tmp_path, "data.d=30", "train.time=20", "replicas=2", "optim.lr=[0.005,2.0]", "logger=none",
+        "hydra.run.dir=" + str(tmp_path / "div"))
+    s = json.loads((tmp_path / "div" / "summary.json").read_text())
+    assert s["status"] == "diverged"
+    assert {d["lr"] for d in s["diverged"]} == {2.0}
+    assert {d["replica"] for d in s["diverged"]} == {1, 3}  # replica = stream * L + lr index
+    m = read_csv(tmp_path / "div" / "metrics.csv")
+    assert np.all(np.isfinite(m["mse"]))
+    ok = m["lr"] == 0.005
+    assert m["time"][ok].max() == pytest.approx(20.0)  # the healthy replicas ran to the end
+    assert s["final"]["mse"] < 0.5
