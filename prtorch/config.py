@@ -47,7 +47,7 @@ class OptimConfig:
 
 @dataclass
 class TrainConfig:
-    time: float = 1000.0          # horizon in t = lr * steps
+    time: float = 2000.0          # horizon in t = lr * steps
     log_per_decade: int = 20      # record points per decade of steps
     checkpoint_every: float = 120.0  # seconds between checkpoints (plus one at exit/SIGTERM)
     progress: bool = True

@@ -160,6 +160,24 @@ def run_job(cfg: dict, out_dir, group: str | None = None, job_type: str = "train
                "output_dir": str(out), "device": str(dev)}
     record.atomic_write_json(out / "summary.json", summary)
 
+    try:
+        return _run(cfg, out, instance, state, lrs, algorithm, n_steps, steps, dev, dtype, ident,
+                    name, logger, summary, t_start)
+    except Interrupted:
+        raise
+    except Exception as e:  # record the failure here, where the W&B run is open
+        import traceback
+
+        summary.update(status="failed", error=f"{type(e).__name__}: {e}", traceback=traceback.format_exc())
+        record.atomic_write_json(out / "summary.json", summary)
+        logger.finish(summary, failed=True)
+        e.prtorch_recorded = True
+        raise
+
+
+def _run(cfg, out, instance, state, lrs, algorithm, n_steps, steps, dev, dtype, ident, name, logger,
+         summary, t_start) -> dict:
+    ckpt_path = out / "checkpoint.pt"
     stop = {"signal": None}
     last_ckpt = {"t": time.monotonic()}
     progress = _Progress(n_steps, state.step if state else 0, cfg["train"]["progress"], name)
@@ -291,8 +309,8 @@ def measure(cfg: dict, instance: Instance, measured: record.Curves, theory: list
         return {}
     m = cfg["measure"]
     return phase_report(measured, {c.model: c for c in theory}, instance.lam, instance.w_star,
-                        instance.w0, delta=m["delta"], eps=m["eps"], n_bootstrap=m["bootstrap"],
-                        seed=cfg["seed"])
+                        instance.w0, a=float(cfg["data"]["a"]), delta=m["delta"], eps=m["eps"],
+                        n_boot=m["bootstrap"], seed=cfg["seed"])
 
 
 def _final(c: record.Curves) -> dict:

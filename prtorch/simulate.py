@@ -161,7 +161,9 @@ def simulate(
     chunk = max(1, min(4096, chunk_elements // max(per_step, 1)))
     t0 = _time.perf_counter()
     start_step = state.step
-    targets = [int(k) for k in record_steps if k > state.step or (k == 0 and state.step == 0 and not state.records["step"])]
+    last = int(state.records["step"][-1][0]) if state.records["step"] else -1
+    # a checkpoint can fall on a record step before its record: record it then
+    targets = [int(k) for k in record_steps if k > state.step or (k == state.step and k > last)]
     for target in targets:
         while state.step < target:
             k = min(chunk, target - state.step)

@@ -172,6 +172,8 @@ def task(cfg) -> dict | None:
 
 
 def _record_failure(out: Path, cfg: dict, e: BaseException, write) -> None:
+    if getattr(e, "prtorch_recorded", False):  # run_job already wrote summary.json and closed W&B
+        return
     try:
         from prtorch.config import identity
 

@@ -278,33 +278,57 @@ def measure_point(point: Point, methods, repeats: int, budget_s: float, log=prin
 
 
 # ---------------------------------------------------------------- theory integrators
-def time_theory(d=1000, a=2.0, t_end=1e5, log=print):
-    from prtorch.theory.gradient_flow import gradient_flow
-
-    out = []
+def time_theory_one(which: str, d=1000, a=2.0, t_end=1e5) -> dict:
+    """Wall time of one theory integrator from the instance's init to ``t_end`` (71 save times)."""
     inst = make_instance(d, a, 1, seed=0)
     times = np.concatenate([[0.0], np.logspace(-2, np.log10(t_end), 71)])
-    t = time.perf_counter()
-    _, n_steps = gradient_flow(inst.w0, inst.lam, inst.w_star, times)
-    out.append({"method": "theory:gradient_flow", "d": d, "wall_s": time.perf_counter() - t,
-                "integrator_steps": int(n_steps), "note": f"a={a}, t to {t_end:g}"})
-    try:
-        from prtorch.theory.sgd_equivalent import sgd_equivalent
-    except ImportError as e:
-        out.append({"method": "theory:sgd_equivalent", "d": d, "note": f"skipped ({e})"})
+    note = f"a={a}, t to {t_end:g}"
+    if which == "gradient_flow":
+        from prtorch.theory.gradient_flow import gradient_flow as fn
+        call = lambda: fn(inst.w0, inst.lam, inst.w_star, times)  # noqa: E731
     else:
         try:
-            t = time.perf_counter()
-            _, n_steps = sgd_equivalent(inst.w0, inst.lam, inst.w_star, times, lr=LR)
-            out.append({"method": "theory:sgd_equivalent", "d": d, "wall_s": time.perf_counter() - t,
-                        "integrator_steps": int(n_steps), "note": f"a={a}, lr={LR}, t to {t_end:g}"})
-        except Exception as e:  # the module is young; report, do not fail the benchmark
-            out.append({"method": "theory:sgd_equivalent", "d": d, "note": f"failed: {type(e).__name__}: {e}"})
+            from prtorch.theory.sgd_equivalent import sgd_equivalent as fn
+        except ImportError as e:
+            return {"method": f"theory:{which}", "d": d, "note": f"skipped ({e})"}
+        call = lambda: fn(inst.w0, inst.lam, inst.w_star, times, lr=LR)  # noqa: E731
+        note += f", lr={LR}"
+    t = time.perf_counter()
+    try:
+        _, n_steps = call()
+    except Exception as e:  # a young module: report, do not fail the benchmark
+        return {"method": f"theory:{which}", "d": d, "note": f"failed: {type(e).__name__}: {e}"}
+    return {"method": f"theory:{which}", "d": d, "wall_s": time.perf_counter() - t,
+            "integrator_steps": int(n_steps), "note": note}
+
+
+def time_theory(timeout_s: float, t_end: float = 1e5):
+    """Each integrator in a fresh process, killed after ``timeout_s`` (reported, not fatal)."""
+    out = []
+    for which in ("gradient_flow", "sgd_equivalent"):
+        cmd = [sys.executable, __file__, "--theory", which, "--theory-t-end", str(t_end)]
+        try:
+            res = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout_s)
+            out.append(json.loads(res.stdout.strip().splitlines()[-1]))
+        except subprocess.TimeoutExpired:
+            out.append({"method": f"theory:{which}", "d": 1000,
+                        "note": f"timed out after {timeout_s:g} s (a=2, t to {t_end:g}; raise --theory-timeout)"})
+        except Exception as e:
+            out.append({"method": f"theory:{which}", "d": 1000, "note": f"failed: {type(e).__name__}: {e}"})
     return out
 
 
 # ---------------------------------------------------------------- drivers
 def peak_rss_mb() -> float:
+    """Peak resident memory of this process (VmHWM; ru_maxrss would include a parent's peak,
+    as Linux keeps it across fork + exec)."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024.0
+    except OSError:
+        pass
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0  # Linux: KiB
 
 
@@ -383,8 +407,8 @@ def run_grid(args):
                     print(f"{d:>6} {R:>4} {m:>16} {med[m]:>11.4g} {med[m] * d * R:>11.4g} "
                           f"{row['frac_of_rng_bound']:>8.2f} {row['speedup_vs_naive']:>8.2f} {row['speedup_vs_jax']:>7.2f}",
                           flush=True)
-    print("\n## theory integrators")
-    for r in time_theory():
+    print("\n## theory integrators (d=1000, a=2, fresh process each)")
+    for r in time_theory(args.theory_timeout or (30 if quick else 300)):
         print(f"{r['method']:>24}: " + (f"{r['wall_s']:.2f} s, {r['integrator_steps']} steps, " if "wall_s" in r else "")
               + r["note"])
         rows.append({"device": "cpu", "dtype": "float64", "d": r["d"], "R": 1, "method": r["method"],
@@ -496,6 +520,9 @@ def main(argv=None):
     ap.add_argument("--no-memory", action="store_true", help="skip the peak-memory subprocess")
     ap.add_argument("--cpu-only", action="store_true")
     ap.add_argument("--chunk-sweep", action="store_true")
+    ap.add_argument("--theory", choices=["gradient_flow", "sgd_equivalent"], help="time one theory integrator")
+    ap.add_argument("--theory-t-end", type=float, default=1e5)
+    ap.add_argument("--theory-timeout", type=float, default=None, help="seconds per integrator (default 300, quick 30)")
     ap.add_argument("--out", default="outputs/bench/bench.csv")
     ap.add_argument("--torch-threads", type=int, default=None, help="torch.set_num_threads (default: leave)")
     ap.add_argument("--numba-threads", type=int, default=None, help="numba.set_num_threads (default: leave)")
@@ -505,7 +532,9 @@ def main(argv=None):
     if args.numba_threads and engines.available("numba"):
         import numba
         numba.set_num_threads(args.numba_threads)
-    if args.d is not None:
+    if args.theory:
+        print(json.dumps(time_theory_one(args.theory, t_end=args.theory_t_end)))
+    elif args.d is not None:
         if args.steps is None:
             args.steps = max(1, int(2e7 // (args.d * args.replicas)))
         print(json.dumps(single_point(args)))

@@ -52,6 +52,7 @@ LRS = [0.01, 0.004, 0.02, 0.007]
 def test_numba_sgd_matches_reference(dtype, S, L, B, d, K, noise, parallel, monkeypatch):
     if parallel:  # force a multi-block plan whatever the machine's thread count
         monkeypatch.setattr(numba_cpu, "PARALLEL_MIN_WORK", 0)
+        monkeypatch.setattr(numba_cpu, "PARALLEL", "1")
         monkeypatch.setattr(numba_cpu, "_threads", lambda: 3)
         assert numba_cpu.plan_tasks(S, L, 1).shape[0] > 1
     _, _, sqrt_lam, w_star, W0 = _problem(d, S, L, dtype, seed=S + d)
@@ -111,7 +112,8 @@ def test_numba_gd_matches_reference(dtype, parallel, monkeypatch):
 
 
 @pytest.mark.parametrize("S,L,threads", [(1, 1, 2), (1, 7, 2), (2, 3, 2), (16, 1, 2), (5, 4, 8), (300, 2, 2)])
-def test_plan_tasks_covers_every_replica_once(S, L, threads):
+def test_plan_tasks_covers_every_replica_once(S, L, threads, monkeypatch):
+    monkeypatch.setattr(numba_cpu, "PARALLEL", "1")
     tasks = numba_cpu.plan_tasks(S, L, 1 << 30, threads=threads)
     seen = np.zeros((S, L), dtype=int)
     for s0, s1, l0, l1 in tasks:
@@ -119,6 +121,15 @@ def test_plan_tasks_covers_every_replica_once(S, L, threads):
     assert (seen == 1).all()
     assert (tasks.shape[0] > 1) == (S * L > 1)
     assert numba_cpu.plan_tasks(S, L, 10, threads=threads).shape[0] == 1  # too little work
+    monkeypatch.setattr(numba_cpu, "PARALLEL", "0")
+    assert numba_cpu.plan_tasks(S, L, 1 << 30, threads=threads).shape[0] == 1
+
+
+def test_plan_tasks_auto_policy(monkeypatch):
+    monkeypatch.setattr(numba_cpu, "PARALLEL", "auto")
+    assert numba_cpu.plan_tasks(64, 1, 1 << 30, threads=2).shape[0] == 1   # one lr: serial
+    assert numba_cpu.plan_tasks(64, 4, 1 << 30, threads=2).shape[0] > 1    # shared draws: split
+    assert numba_cpu.plan_tasks(64, 4, 1 << 30, threads=1).shape[0] == 1
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])

@@ -139,10 +139,10 @@ def test_t2_bound_split_scaling():
     lam = power_law_spectrum(d, a)
     w_star, w0 = np.ones(d), np.zeros(d)
     eps = np.array([0.02, 0.01])
-    tau = [P.t2_bound(e, w0, lam, w_star, 0.0, split=True) for e in eps]
+    tau = [P.t2_bound(e, w0, lam, w_star, 0.0, split=True, delay=0.0) for e in eps]
     slope = np.log(tau[1] / tau[0]) / np.log(eps[1] / eps[0])
     assert -a / (a - 1) - 0.6 < slope < -a / (a - 1)  # the log factor steepens it a little
-    tau_p = [P.t2_bound(e, w0, lam, w_star, 0.0, form="paper", split=True) for e in (0.2, 0.1)]
+    tau_p = [P.t2_bound(e, w0, lam, w_star, 0.0, form="paper", split=True, delay=0.0) for e in (0.2, 0.1)]
     slope_p = np.log(tau_p[1] / tau_p[0]) / np.log(0.5)
     assert -2 * a / (a - 1) - 1.0 < slope_p < -2 * a / (a - 1) + 0.3
 

@@ -23,6 +23,7 @@ Accumulation is in the dtype of ``W`` (float32 or float64), like the reference.
 from __future__ import annotations
 
 import functools
+import os
 
 import numba  # noqa: F401  (ImportError here -> engine unavailable)
 import numpy as np
@@ -33,8 +34,14 @@ from numba import njit, prange
 _FASTMATH = {"reassoc", "contract", "nsz", "arcp"}
 _OPTS = dict(fastmath=_FASTMATH, cache=True, nogil=True, error_model="numpy", boundscheck=False)
 
-# below this many coordinate updates per chunk a serial kernel beats waking the thread pool
-PARALLEL_MIN_WORK = 1 << 16
+# Threads. The normals are drawn serially by torch.randn (~5 ns each); with one learning rate per
+# stream the serial kernel costs ~10% of that, so two threads could save at most ~5% and, measured
+# on a shared 2-core box, saved nothing. With L >= 2 learning rates sharing each stream's draws the
+# kernel does L times the work per normal, and splitting it pays. PRTORCH_NUMBA_PARALLEL=0 / 1
+# forces serial / parallel (the latter whenever there are >= 2 replicas and enough work).
+PARALLEL = os.environ.get("PRTORCH_NUMBA_PARALLEL", "auto").strip().lower()
+PARALLEL_MIN_L = 2             # learning rates per stream before threads are used ("auto")
+PARALLEL_MIN_WORK = 1 << 16    # coordinate updates per chunk below which waking the pool costs more
 
 
 @njit(**_OPTS)
@@ -183,13 +190,18 @@ def _plan(S: int, L: int, parallel: bool, threads: int) -> np.ndarray:
 def plan_tasks(S: int, L: int, work: int, threads: int | None = None) -> np.ndarray:
     """Disjoint blocks ``(s0, s1, l0, l1)`` of ``W`` for the SGD kernel; one block means serial.
 
-    Parallel only when there are >= 2 threads, >= 2 replicas and enough work per chunk to pay for
-    waking the pool. Split by stream when there are at least as many streams as threads (each
-    stream's inputs are then read by one thread only), else by learning rate. A few blocks per
-    thread, handed out dynamically, keep both cores busy when a neighbour steals one for a while.
+    Parallel only with >= 2 threads, >= 2 replicas, enough work per chunk to pay for waking the
+    pool and (policy "auto") >= ``PARALLEL_MIN_L`` learning rates per stream. Split by stream when
+    there are at least as many streams as threads (each stream's inputs are then read by one
+    thread only), else by learning rate. A few blocks per thread, handed out dynamically, keep
+    both cores busy when a neighbour steals one for a while.
     """
     threads = _threads() if threads is None else threads
     parallel = threads >= 2 and work >= PARALLEL_MIN_WORK and S * L >= 2
+    if PARALLEL in ("0", "false", "no", "off"):
+        parallel = False
+    elif PARALLEL not in ("1", "true", "yes", "on"):
+        parallel = parallel and L >= PARALLEL_MIN_L
     return _plan(S, L, parallel, threads if parallel else 1)
 
 
