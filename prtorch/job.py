@@ -140,7 +140,11 @@ def run_job(cfg: dict, out_dir, group: str | None = None, job_type: str = "train
     ckpt_path = out / "checkpoint.pt"
     state = None
     if ckpt_path.exists() and not cfg["force"]:
-        ck = torch.load(ckpt_path, map_location="cpu", weights_only=False)
+        try:
+            ck = torch.load(ckpt_path, map_location="cpu", weights_only=False)
+        except Exception as e:
+            raise RuntimeError(f"cannot read checkpoint {ckpt_path} ({type(e).__name__}: {e}); "
+                               "delete it to restart this run from scratch") from None
         if ck.get("identity") == ident:
             state = SimState.from_dict(ck["state"], dev, dtype)
             log.info("resuming from step %d of %d (%s)", state.step, n_steps, ckpt_path)

@@ -361,7 +361,7 @@ def run_grid(args):
     t_start = time.perf_counter()
     quick = args.quick
     repeats = args.repeats or (1 if quick else 3)
-    budget = args.budget or (0.08 if quick else 0.35)
+    budget = args.budget or (0.05 if quick else 0.3)
     grid_d = args.grid_d or GRID_D
     grid_r = args.grid_r or GRID_R
     devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() and not args.cpu_only else [])
@@ -373,7 +373,7 @@ def run_grid(args):
         nthr = f"{numba.get_num_threads()} numba threads ({numba.config.THREADING_LAYER}), "
     print(f"# bench: torch {torch.__version__}, {torch.get_num_threads()} torch threads, {nthr}"
           f"{os.cpu_count()} cpus, dtype {args.dtype}, chunk_elements {args.chunk_elements}, "
-          f"repeats {repeats}, ~{budget}s per measurement")
+          f"repeats {repeats}, ~{budget}s per measurement, load average {os.getloadavg()[0]:.1f}")
     if not have_jax:
         print("# jax: not importable (pip install 'prtorch[bench]' / jax) -> JAX column skipped")
     for dev in devices:
@@ -408,7 +408,7 @@ def run_grid(args):
                           f"{row['frac_of_rng_bound']:>8.2f} {row['speedup_vs_naive']:>8.2f} {row['speedup_vs_jax']:>7.2f}",
                           flush=True)
     print("\n## theory integrators (d=1000, a=2, fresh process each)")
-    for r in time_theory(args.theory_timeout or (30 if quick else 300)):
+    for r in time_theory(args.theory_timeout or (10 if quick else 120)):
         print(f"{r['method']:>24}: " + (f"{r['wall_s']:.2f} s, {r['integrator_steps']} steps, " if "wall_s" in r else "")
               + r["note"])
         rows.append({"device": "cpu", "dtype": "float64", "d": r["d"], "R": 1, "method": r["method"],
@@ -445,7 +445,8 @@ def run_grid(args):
         w.writerows(rows)
     print(f"\n# wrote {out} ({len(rows)} rows) in {time.perf_counter() - t_start:.0f} s")
     head = [r for r in rows if r["device"] == "cpu" and r["d"] == 1000 and r["R"] == 1 and r["method"] == best]
-    summary = {"csv": str(out), "wall_s": time.perf_counter() - t_start, "engine": best}
+    summary = {"csv": str(out), "wall_s": time.perf_counter() - t_start, "engine": best,
+               "load_average_end": os.getloadavg()[0]}
     if head:
         summary.update(steps_per_second=head[0]["steps_per_s"], d=1000, replicas=1,
                        speedup_vs_naive=head[0]["speedup_vs_naive"], speedup_vs_jax=head[0]["speedup_vs_jax"],
@@ -460,10 +461,10 @@ def chunk_sweep(args):
     best = engines.resolve("auto", "cpu")
     if best == "numba":
         engines.load("numba").warmup((DTYPES[args.dtype],))
-    sizes = [1 << k for k in (14, 16, 17, 18, 19, 20, 21, 22, 23)]
+    sizes = [1 << k for k in (15, 16, 17, 18, 19, 20, 21, 22)]
     points = [(100, 1), (100, 16), (1000, 1), (1000, 16), (1000, 256), (10000, 1), (10000, 16), (10000, 256)]
-    repeats = args.repeats or 3
-    budget = args.budget or 0.3
+    repeats = args.repeats or 5
+    budget = args.budget or 0.2
     rows = []
     print(f"# chunk sweep, engine {best}, {repeats} interleaved rounds; cells: steps/s (fraction of the randn bound at 2^21)")
     print(f"{'d':>6} {'R':>4} " + " ".join(f"{'2^%d' % int(math.log2(c)):>13}" for c in sizes))
@@ -522,7 +523,7 @@ def main(argv=None):
     ap.add_argument("--chunk-sweep", action="store_true")
     ap.add_argument("--theory", choices=["gradient_flow", "sgd_equivalent"], help="time one theory integrator")
     ap.add_argument("--theory-t-end", type=float, default=1e5)
-    ap.add_argument("--theory-timeout", type=float, default=None, help="seconds per integrator (default 300, quick 30)")
+    ap.add_argument("--theory-timeout", type=float, default=None, help="seconds per integrator (default 120, quick 10)")
     ap.add_argument("--out", default="outputs/bench/bench.csv")
     ap.add_argument("--torch-threads", type=int, default=None, help="torch.set_num_threads (default: leave)")
     ap.add_argument("--numba-threads", type=int, default=None, help="numba.set_num_threads (default: leave)")

@@ -234,3 +234,55 @@ def test_naive_and_jax_loops_give_the_reference_sgd_curve():
         se = np.sqrt(a.var() / R + b.var() / R)
         assert np.isfinite(b).all(), name
         assert abs(a.mean() - b.mean()) < 4 * se, (name, a.mean(), b.mean(), se)
+
+
+# ------------------------------------------------------------------ CUDA graph engine
+def test_cuda_graph_pieces_and_registration():
+    from prtorch.engines import cuda_graph
+
+    for n in (1, 2, 3, 13, 64, 100, 4095, 4096):
+        p = cuda_graph._pieces(n)
+        assert sum(p) == n and p == sorted(p, reverse=True) and all(q & (q - 1) == 0 for q in p)
+        assert len(p) == len(set(p))
+    assert engines.resolve("cuda_graph", "cuda") == "cuda_graph"
+    with pytest.raises(ValueError):
+        engines.resolve("cuda_graph", "cpu")
+    with pytest.raises(ValueError):
+        cuda_graph.sgd_steps(torch.zeros(1, 1, 3), torch.zeros(2, 1, 1, 3), None, torch.zeros(1),
+                             torch.ones(3), torch.ones(3), 0.0)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("S,L,B,d,K,noise", [(1, 1, 1, 40, 13, 0.0), (3, 2, 4, 50, 100, 0.1), (8, 3, 1, 300, 64, 0.0)])
+def test_cuda_graph_matches_reference(dtype, S, L, B, d, K, noise):
+    from prtorch.engines import cuda_graph
+
+    dev = "cuda"
+    _, lam, sqrt_lam, w_star, W0 = _problem(d, S, L, dtype, seed=d)
+    lam, sqrt_lam, w_star, W0 = (t.to(dev) for t in (lam, sqrt_lam, w_star, 0.5 * W0))
+    g = torch.Generator(device=dev).manual_seed(7)
+    lr = torch.tensor(LRS[:L], dtype=dtype, device=dev)
+    W_ref, W_cg = W0.clone(), W0.clone()
+    for k in (K, K, 5):  # repeated and shorter chunks reuse the captured graphs
+        z = torch.randn((k, S, B, d), generator=g, dtype=dtype, device=dev)
+        xi = torch.randn((k, S, B), generator=g, dtype=dtype, device=dev) if noise else None
+        reference.sgd_steps(W_ref, z, xi, lr, sqrt_lam, w_star, noise)
+        cuda_graph.sgd_steps(W_cg, z, xi, lr, sqrt_lam, w_star, noise)
+    assert (W_ref - W0).abs().max() > 1e-2
+    torch.testing.assert_close(W_cg, W_ref, **TOL[dtype])
+    W_ref, W_cg = W0.clone(), W0.clone()
+    reference.gd_steps(W_ref, 37, lr, lam, w_star, 1.0)
+    cuda_graph.gd_steps(W_cg, 37, lr, lam, w_star, 1.0)
+    torch.testing.assert_close(W_cg, W_ref, **TOL[dtype])
+
+
+@pytest.mark.gpu
+def test_simulate_cuda_graph_equals_reference_on_cuda():
+    inst = make_instance(64, 1.5, 4, seed=5, per_replica_init=True)
+    kw = dict(lr=[0.01, 0.005], n_steps=2000, record_steps=np.array([0, 10, 300, 2000]), batch_size=2,
+              label_noise=0.05, seed=4, device="cuda", dtype=torch.float32, chunk_elements=1 << 14)
+    ref = simulate(inst, engine="reference", **kw)
+    cg = simulate(inst, engine="cuda_graph", **kw)
+    for m in ("mse", "loss", "s", "u"):
+        np.testing.assert_allclose(cg.curves.values[m], ref.curves.values[m], rtol=1e-4, atol=1e-6)

@@ -5,8 +5,11 @@ shape ``(S, L, d)`` in place over the ``K`` pre-drawn samples of a chunk) and
 ``gd_steps(W, n, lr, lam, w_star, s_star)``. Because every engine consumes the same chunks of
 random numbers (:mod:`prtorch.simulate` draws them), engines can be compared sample for sample.
 
-Available: ``reference`` (the textbook per-step loop, any device). Optional engines register
-themselves in :data:`ENGINES` and are imported lazily, so the core needs only torch and numpy.
+Available: ``reference`` (the textbook per-step loop, any device), ``numba`` (the same steps
+compiled with numba, CPU; needs the optional ``numba``) and ``cuda_graph`` (the reference steps
+captured in a CUDA graph and replayed per chunk; not chosen by ``auto`` until verified on a GPU).
+Optional engines register themselves in :data:`ENGINES` and are imported lazily, so the core needs
+only torch and numpy.
 """
 from __future__ import annotations
 
@@ -16,7 +19,11 @@ import importlib
 ENGINES = {
     "reference": ("prtorch.engines.reference", ("cpu", "cuda")),
     "numba": ("prtorch.engines.numba_cpu", ("cpu",)),
+    "cuda_graph": ("prtorch.engines.cuda_graph", ("cuda",)),
 }
+
+# ``auto``: the first available engine of this list that runs on the device
+AUTO_ORDER = ("numba", "reference")
 
 
 def available(name: str) -> bool:
@@ -38,7 +45,7 @@ def resolve(name: str, device: str) -> str:
     """``auto`` -> the fastest exact engine available for ``device``; else check the choice."""
     kind = "cuda" if str(device).startswith("cuda") else "cpu"
     if name == "auto":
-        for cand in ("numba", "reference"):
+        for cand in AUTO_ORDER:
             if kind in ENGINES[cand][1] and available(cand):
                 return cand
         return "reference"

@@ -12,9 +12,13 @@ small fraction of drawing the chunk and a run goes at close to the random-number
 
 Per stream ``s`` and step ``k``, for each sample ``b``: one pass computes ``x = sqrt(lambda) * z``,
 ``v = <x, w*>`` and ``p_l = <x, W[s, l]>`` (labels ``y = v^2 + sigma xi``); a second pass applies
-``W[s, l] -= (4 lr_l / B) sum_b (p_lb^2 - y_b) p_lb x_b``. Streams never interact, so the chunk is
-split across threads by stream (or by replica when there are fewer streams than threads), with a
-single parallel region per chunk, not per step.
+``W[s, l] -= (4 lr_l / B) sum_b (p_lb^2 - y_b) p_lb x_b``. Steps are the outer loop and streams the
+inner one, so the chunk is read front to back. Streams never interact, so when threads pay (see
+``PARALLEL`` below) the chunk is split across them by stream (or by learning rate when there are
+fewer streams than threads), with a single parallel region per chunk, not per step.
+
+Kernels are compiled on first use per dtype and cached on disk (``cache=True``); :func:`warmup`
+compiles or loads them up front so a timed run does not pay for it.
 
 Floating point: reductions are reassociated (vectorised, several partial sums) but not allowed to
 assume finite values, so a diverging replica still turns into inf/NaN and is caught by the simulator.
@@ -112,7 +116,7 @@ def _sgd_tasks_py(W, z, xi, has_noise, noise, step, sl, ws, tasks):
                    tasks[t, 0], tasks[t, 1], tasks[t, 2], tasks[t, 3])
 
 
-def _gd_py(W, n, lr, lam, lws, consts):
+def _gd_py(W, n, lr, lam, ws, consts):
     # consts = (0, 12, 4 s*, 8) in W's dtype, so float32 arithmetic stays float32
     S = W.shape[0]
     L = W.shape[1]
@@ -128,11 +132,11 @@ def _gd_py(W, n, lr, lam, lws, consts):
             for i in range(d):
                 lw = lam[i] * w[i]
                 su += lw * w[i]
-                uu += lw * lws[i]
+                uu += lw * ws[i]
             a = eta * (consts[1] * su - consts[2])
             c = eta * (consts[3] * uu)
             for i in range(d):
-                w[i] -= lam[i] * (a * w[i] - c * lws[i])
+                w[i] -= lam[i] * (a * w[i] - c * ws[i])
 
 
 _sgd_ser = njit(parallel=False, **_OPTS)(_sgd_tasks_py)
@@ -264,7 +268,9 @@ def gd_steps(W, n: int, lr, lam, w_star, s_star):
     consts = np.array([0.0, 12.0, 4.0 * float(s_star), 8.0], dtype=dt)
     args = (Wn, int(n), lr_n, _vec(lam, tdt), _vec(w_star, tdt), consts)
     if n > 0:
-        if _threads() >= 2 and S * L >= 2 and n * S * L * d >= PARALLEL_MIN_WORK:
+        # no random numbers here, so threads pay whenever there is enough work
+        if (_threads() >= 2 and S * L >= 2 and n * S * L * d >= PARALLEL_MIN_WORK
+                and PARALLEL not in ("0", "false", "no", "off")):
             with numba.parallel_chunksize(1):
                 _gd_par(*args)
         else:

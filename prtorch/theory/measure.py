@@ -21,9 +21,9 @@ law only while the modes being resolved (``r lambda_i tau ~ 1``) are neither the
 last ones. A window is therefore given in mode ranks: ``tau in [1/(r lambda_{n_lo}), 1/(r lambda_{n_hi})]``
 (defaults ``n_lo = 5``, ``n_hi = max(d/10, 4 n_lo)``), with
 
-* MSE drop ``1 - MSE(T2 + tau)/MSE(T2) ~ tau^{1/a}``: ``tau = t - T2``, ``r = 16``;
-* ``1 - |u|/s* ~ tau^{-beta}`` (Phase IIb): ``tau = t - T1'``, ``r = 8``;
-* loss ``L ~ tau^{-(1-1/a)}``: ``tau = t - T2``, ``r = 16``;
+* MSE drop ``1 - MSE(T2 + tau)/MSE(T2) ~ tau^{1/a}``: ``tau = t - T2``, ``r = 16 s*``;
+* ``1 - |u|/s* ~ tau^{-beta}`` (Phase IIb): ``tau = t - T1'``, ``r = 8 s*``;
+* loss ``L ~ tau^{-(1-1/a)}``: ``tau = t - T2``, ``r = 16 s*``;
 * growth rate ``rho``: ``u = C e^{rho t} + b`` fitted by least squares on ``t <= T1``, cut where
   ``s/s*`` reaches ``s_lin = 0.02`` if earlier (the offset ``b`` absorbs the slowly growing
   non-dominant roots; ~1% bias on GF at ``d = 300, 1000``, against 2-4% for a plain log-linear fit;
@@ -178,27 +178,29 @@ def _value_at(t, y, t_star: float) -> float:
     return float(y[k - 1] + f * (y[k] - y[k - 1]))
 
 
-def fit_mse_tail_drop(curves: Curves, t2, lam, n_lo: int = 5, n_hi: int | None = None, **kw) -> np.ndarray:
-    """Slope of ``1 - MSE(T2 + tau)/MSE(T2)`` vs ``tau`` (theory ``1/a``), window ``r = 16``."""
+def fit_mse_tail_drop(curves: Curves, t2, lam, n_lo: int = 5, n_hi: int | None = None,
+                      s_star: float = 1.0, **kw) -> np.ndarray:
+    """Slope of ``1 - MSE(T2 + tau)/MSE(T2)`` vs ``tau`` (theory ``1/a``), window ``r = 16 s*``."""
     t2 = np.asarray(t2, dtype=float)
     mse = curves.values["mse"]
     ref = np.array([_value_at(curves.time[:, r], mse[:, r], t2[r]) for r in range(curves.n_curves)])
-    return fit_window_slopes(curves.time, mse, t2, mode_window(lam, 16.0, n_lo, n_hi),
+    return fit_window_slopes(curves.time, mse, t2, mode_window(lam, 16.0 * s_star, n_lo, n_hi),
                              lambda v, r: 1.0 - v / ref[r], **kw)
 
 
 def fit_one_minus_u(curves: Curves, t1_prime, lam, s_star: float = 1.0, n_lo: int = 5,
                     n_hi: int | None = None, **kw) -> np.ndarray:
-    """Decay exponent ``beta`` of ``1 - |u|/s* ~ (t - T1')^{-beta}`` in Phase IIb, window ``r = 8``."""
+    """Decay exponent ``beta`` of ``1 - |u|/s* ~ (t - T1')^{-beta}`` in Phase IIb, window ``r = 8 s*``."""
     sl = fit_window_slopes(curves.time, curves.values["u"], np.asarray(t1_prime, dtype=float),
-                           mode_window(lam, 8.0, n_lo, n_hi), lambda v, r: 1.0 - np.abs(v) / s_star, **kw)
+                           mode_window(lam, 8.0 * s_star, n_lo, n_hi), lambda v, r: 1.0 - np.abs(v) / s_star, **kw)
     return -sl
 
 
-def fit_loss_tail(curves: Curves, t2, lam, n_lo: int = 5, n_hi: int | None = None, **kw) -> np.ndarray:
-    """Decay exponent of the loss ``L(T2 + tau) ~ tau^{-gamma}`` (theory ``1 - 1/a``), window ``r = 16``."""
+def fit_loss_tail(curves: Curves, t2, lam, n_lo: int = 5, n_hi: int | None = None,
+                  s_star: float = 1.0, **kw) -> np.ndarray:
+    """Decay exponent of the loss ``L(T2 + tau) ~ tau^{-gamma}`` (theory ``1 - 1/a``), window ``r = 16 s*``."""
     return -fit_window_slopes(curves.time, curves.values["loss"], np.asarray(t2, dtype=float),
-                              mode_window(lam, 16.0, n_lo, n_hi), **kw)
+                              mode_window(lam, 16.0 * s_star, n_lo, n_hi), **kw)
 
 
 def fit_growth_rate(t, u, t_end: float, min_points: int = 4, min_growth: float = 2.0) -> float:
@@ -295,9 +297,9 @@ def _measure_all(c: Curves, lam, s_star, delta, eps, s_level, n_lo, n_hi, floor,
     kw = dict(n_lo=n_lo, n_hi=n_hi, floor=floor)
     ex = {
         "rho": fit_phase1_rate(c, times["T1"], s_lin, s_star),
-        "mse_tail_drop": fit_mse_tail_drop(c, times["T2"], lam, **kw),
+        "mse_tail_drop": fit_mse_tail_drop(c, times["T2"], lam, s_star=s_star, **kw),
         "one_minus_u": fit_one_minus_u(c, times["T1_prime"], lam, s_star, **kw),
-        "loss_tail": fit_loss_tail(c, times["T2"], lam, **kw),
+        "loss_tail": fit_loss_tail(c, times["T2"], lam, s_star=s_star, **kw),
     }
     return times, ex
 
@@ -313,8 +315,9 @@ def phase_report(measured: Curves, predicted: dict | None = None, lam=None, w_st
     learning rate). predicted: optional named theory curves (GF, SGD equivalent, ...), measured by
     the same procedure and reported under ``"models"``. lam, w_star: the instance; w0: its initial
     weights (``(d,)`` or ``(R, d)``; theory values use the median over its distinct rows, at most
-    ``max_inits`` of them). ``a``: the power-law
-    exponent, inferred from ``lam`` if None.
+    ``max_inits`` of them; the ``O(d^3)`` predictions - ``T1'`` and the second root - are skipped
+    (NaN) above ``d = 4000``). ``a``: the power-law exponent, inferred from ``lam`` if None.
+    Windows and thresholds: see the module docstring.
 
     Returns (JSON-serialisable, NaN allowed)::
 
@@ -328,7 +331,8 @@ def phase_report(measured: Curves, predicted: dict | None = None, lam=None, w_st
     Extras: ``T2`` has ``"bound"`` (:func:`~prtorch.theory.phases.t2_bound`, direct form, from the
     measured ``T1'``); ``one_minus_u`` has ``"candidates"`` (``paper_bound`` ``(a-1)/(2a)``,
     ``appendix`` ``1/a``, ``tail_mass`` ``1-1/a``) and ``"closest"`` (the candidate nearest to the
-    measured value); ``one_minus_u``, ``mse_tail_drop`` and ``loss_tail`` have
+    measured value, tied names joined by ``+``, e.g. ``"appendix+tail_mass"`` at ``a = 2``; None if
+    not measured); ``one_minus_u``, ``mse_tail_drop`` and ``loss_tail`` have
     ``"predicted_window"``: the same fit applied to the theory curve (quasi-static ``1 - u``, the
     proxy ``S_d``, the quasi-static loss) over the same window, i.e. the finite-``d`` prediction.
     """
@@ -396,7 +400,7 @@ def phase_report(measured: Curves, predicted: dict | None = None, lam=None, w_st
     phases["T2"]["bound_source"] = "phases.t2_bound(form='direct') from the measured T1' (an upper bound)"
 
     # ---- exponents
-    win = {r: mode_window(lam, r, n_lo, n_hi) for r in (8.0, 16.0)}
+    win = {r: mode_window(lam, r * s_star, n_lo, n_hi) for r in (8.0, 16.0)}
     cands = P.one_minus_u_exponents(a) if a > 0 else {}
     exps = {
         "rho": entry(ex["rho"], rho, "phases.growth_rate: root > 4 s* lambda_1 of the secular equation",
@@ -426,8 +430,12 @@ def phase_report(measured: Curves, predicted: dict | None = None, lam=None, w_st
                                        "rho - second_root is small")
     m = exps["one_minus_u"]["measured"]["value"]
     exps["one_minus_u"]["candidates"] = {k: float(v) for k, v in cands.items()}
-    exps["one_minus_u"]["closest"] = (min(cands, key=lambda k: abs(cands[k] - m))
-                                      if cands and np.isfinite(m) else None)
+    closest = None
+    if cands and np.isfinite(m):
+        dist = {k: abs(v - m) for k, v in cands.items()}
+        best = min(dist.values())
+        closest = "+".join(k for k, v in dist.items() if v <= best + 1e-12)  # ties (a = 2, 3) joined
+    exps["one_minus_u"]["closest"] = closest
 
     # finite-d predictions over the same windows (theory curves on a log grid)
     lo8, hi8 = win[8.0]
@@ -441,7 +449,8 @@ def phase_report(measured: Curves, predicted: dict | None = None, lam=None, w_st
     if np.all(np.isfinite([lo16, hi16])):
         tau = np.logspace(np.log10(lo16), np.log10(hi16), 40)
         pi = np.full(d, 1.0 / d)
-        exps["mse_tail_drop"]["predicted_window"] = _f(fit_loglog(tau, 1 - P.phase3_S(tau, pi, lam), floor=floor))
+        exps["mse_tail_drop"]["predicted_window"] = _f(fit_loglog(tau, 1 - P.phase3_S(tau, pi, lam, s_star),
+                                                                  floor=floor))
         t2m = _median(times["T2"])
         exps["loss_tail"]["predicted_window"] = (per_init(
             lambda w: -fit_loglog(tau, P.loss_quasistatic(t2m + tau, w, lam, w_star, t0), floor=floor))
