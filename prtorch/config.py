@@ -62,7 +62,7 @@ class TheoryConfig:
 
 @dataclass
 class MeasureConfig:
-    delta: float = 0.5            # T1: first time |u| >= delta
+    delta: float = 0.1            # T1: first time |u| >= delta (s still ~ 0.01: Phase I is linear)
     eps: float = 0.1              # T2: first time 1 - |u| <= eps
     bootstrap: int = 1000         # bootstrap resamples for confidence intervals
 
