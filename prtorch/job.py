@@ -289,7 +289,11 @@ def compute_theory(cfg: dict, instance: Instance, measured: record.Curves, lrs) 
     if th["gf"]:
         from prtorch.theory.gradient_flow import gf_curves
 
-        out.append(gf_curves(inits, instance.lam, instance.w_star, times, rtol=th["rtol"]))
+        gf = gf_curves(inits, instance.lam, instance.w_star, times, rtol=th["rtol"])
+        out.append(gf)
+        p3 = phase3_prediction(gf, instance, times, 1 - cfg["measure"]["eps"], th["rtol"])
+        if p3 is not None:
+            out.append(p3)
     if th["sgd_de"] and cfg["optim"]["algorithm"] == "sgd":
         try:
             from prtorch.theory.sgd_equivalent import sgd_de_curves
@@ -305,6 +309,21 @@ def compute_theory(cfg: dict, instance: Instance, measured: record.Curves, lrs) 
     return out
 
 
+def phase3_prediction(gf: record.Curves, instance: Instance, times, u_level: float, rtol: float):
+    """The paper's Phase-III curve ``MSE(T2) S(tau)`` from the GF state at ``T2`` (``|u| = u_level``)."""
+    from prtorch.theory.gradient_flow import gradient_flow
+    from prtorch.theory.measure import crossing_time
+    from prtorch.theory.phases import phase3_curves
+
+    t2 = crossing_time(gf.time[:, 0], np.abs(gf.values["u"][:, 0]), u_level, "up")
+    if not np.isfinite(t2) or t2 <= 0 or t2 >= times[-1]:
+        return None
+    w0 = np.unique(instance.w0, axis=0)[0]
+    w_t2 = gradient_flow(w0, instance.lam, instance.w_star, np.array([0.0, t2]), rtol=rtol)[0][-1, 0]
+    taus = np.concatenate([[0.0], times[times > t2] - t2])
+    return phase3_curves(taus, w_t2, instance.lam, instance.w_star, t2=t2)
+
+
 def measure(cfg: dict, instance: Instance, measured: record.Curves, theory: list) -> dict:
     """Measured-vs-predicted phases and exponents (``phases`` and ``exponents`` sections)."""
     try:
@@ -312,7 +331,7 @@ def measure(cfg: dict, instance: Instance, measured: record.Curves, theory: list
     except ImportError:
         return {}
     m = cfg["measure"]
-    return phase_report(measured, {c.model: c for c in theory}, instance.lam, instance.w_star,
+    return phase_report(measured, {c.model: c for c in theory if c.model != "phase3"}, instance.lam, instance.w_star,
                         instance.w0, a=float(cfg["data"]["a"]), delta=m["delta"], eps=m["eps"],
                         n_boot=m["bootstrap"], seed=cfg["seed"])
 
