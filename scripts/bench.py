@@ -11,8 +11,15 @@ mean much; medians over ``--repeats`` rounds are reported):
   goes through simulate itself, one record at the end);
 * ``naive``      : the per-step PyTorch loop a user would write (draw ``x``, update, per step);
 * ``jax``        : the same step in a ``jax.lax.scan`` loop (``jax.random.normal`` inside), if importable;
-* ``rng_bound``  : only ``torch.randn`` (float32 by default) of the same total size, in the same chunks:
+* ``rng_bound``  : only ``torch.randn`` (in ``--dtype``, float32 by default) of the same total size, in the same chunks:
   the steps/s an exact engine would reach if drawing its normals were the only cost.
+
+Columns: steps/s, coordinate updates/s (steps/s x R x d), ``of bound`` (median over rounds of the
+method's rate / the bound's rate in the same round), speed-ups over ``naive``, the ``reference``
+engine and ``jax``. On CUDA (when available) the same grid runs with the CUDA engines, the naive
+loop and the CUDA randn bound. ``--torch-threads 1`` is worth trying on a busy 2-core machine:
+there, 2-thread torch ops of ~1e4-1e6 elements can be 10-100x slower (OpenMP waits for a thread
+that a neighbour has pre-empted), which hits the naive and reference loops.
 * ``<engine>+prefetch`` (``--prefetch``): the engine fed by a background thread that draws the next
   chunk while the engine works on this one (a possible change to simulate.py; same numbers, same order).
 
@@ -22,7 +29,7 @@ and, in a fresh process, the peak memory of the largest grid point.
 Usage::
 
     python scripts/bench.py                    # full grid (a few minutes on 2 cores)
-    python scripts/bench.py --quick            # < 1 min
+    python scripts/bench.py --quick            # < 1 min (a smoke test: short, noisy measurements)
     python scripts/bench.py --d 1000 --replicas 1 --steps 20000 --engine numba   # one point, JSON line
     python scripts/bench.py --chunk-sweep      # steps/s vs simulate's chunk size (CHUNK_ELEMENTS)
 """
@@ -205,7 +212,7 @@ class Point:
         done = 0
         while done < n:
             k = min(self.chunk, n - done)
-            torch.randn((k, *shape_rest), generator=self.gen, device=self.device, dtype=torch.float32)
+            torch.randn((k, *shape_rest), generator=self.gen, device=self.device, dtype=self.tdtype)
             done += k
         _sync(self.device)
         return n / (time.perf_counter() - t)
@@ -265,6 +272,9 @@ def calibrate(point: Point, method: str, budget_s: float, max_steps: int = 10**7
 def measure_point(point: Point, methods, repeats: int, budget_s: float, log=print):
     """Median steps/s per method, and per-round ratios to the bound (interleaved rounds)."""
     n = {m: calibrate(point, m, budget_s) for m in methods}
+    if str(point.device).startswith("cuda"):  # capture any CUDA graphs for these step counts now
+        for m in methods:
+            point.run(m, n[m])
     rates = {m: [] for m in methods}
     for _ in range(repeats):
         for m in methods:
@@ -360,8 +370,8 @@ def single_point(args) -> dict:
 def run_grid(args):
     t_start = time.perf_counter()
     quick = args.quick
-    repeats = args.repeats or (1 if quick else 3)
-    budget = args.budget or (0.05 if quick else 0.3)
+    repeats = args.repeats or 3
+    budget = args.budget or (0.03 if quick else 0.3)
     grid_d = args.grid_d or GRID_D
     grid_r = args.grid_r or GRID_R
     devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() and not args.cpu_only else [])
@@ -389,7 +399,8 @@ def run_grid(args):
         if have_jax and dev == "cpu":
             methods.append("jax")
         print(f"\n## device {dev}: methods {methods}")
-        hdr = f"{'d':>6} {'R':>4} {'method':>16} {'steps/s':>11} {'coord upd/s':>11} {'of bound':>8} {'x naive':>8} {'x jax':>7}"
+        hdr = (f"{'d':>6} {'R':>4} {'method':>16} {'steps/s':>11} {'coord upd/s':>11} {'of bound':>8} "
+               f"{'x naive':>8} {'x ref':>7} {'x jax':>7}")
         print(hdr)
         for d in grid_d:
             for R in grid_r:
@@ -400,12 +411,14 @@ def run_grid(args):
                            "steps_per_s": med[m], "coord_updates_per_s": med[m] * d * R,
                            "frac_of_rng_bound": frac.get(m, float("nan")),
                            "speedup_vs_naive": med[m] / med["naive"],
+                           "speedup_vs_reference": med[m] / med["reference"] if "reference" in med else float("nan"),
                            "speedup_vs_jax": med[m] / med["jax"] if "jax" in med else float("nan"),
                            "steps_per_measurement": n[m], "repeats": repeats, "chunk_steps": p.chunk,
                            "note": f"jax compile {p.jax_compile_s:.2f}s" if m == "jax" else ""}
                     rows.append(row)
                     print(f"{d:>6} {R:>4} {m:>16} {med[m]:>11.4g} {med[m] * d * R:>11.4g} "
-                          f"{row['frac_of_rng_bound']:>8.2f} {row['speedup_vs_naive']:>8.2f} {row['speedup_vs_jax']:>7.2f}",
+                          f"{row['frac_of_rng_bound']:>8.2f} {row['speedup_vs_naive']:>8.2f} "
+                          f"{row['speedup_vs_reference']:>7.2f} {row['speedup_vs_jax']:>7.2f}",
                           flush=True)
     print("\n## theory integrators (d=1000, a=2, fresh process each)")
     for r in time_theory(args.theory_timeout or (10 if quick else 120)):
@@ -414,6 +427,7 @@ def run_grid(args):
         rows.append({"device": "cpu", "dtype": "float64", "d": r["d"], "R": 1, "method": r["method"],
                      "steps_per_s": float("nan"), "coord_updates_per_s": float("nan"),
                      "frac_of_rng_bound": float("nan"), "speedup_vs_naive": float("nan"),
+                     "speedup_vs_reference": float("nan"),
                      "speedup_vs_jax": float("nan"), "steps_per_measurement": r.get("integrator_steps", ""),
                      "repeats": 1, "chunk_steps": "", "note": f"wall_s={r.get('wall_s', float('nan')):.3f}; {r['note']}"})
     # peak memory of the largest point, in a fresh process so nothing else is counted
@@ -432,6 +446,7 @@ def run_grid(args):
             rows.append({"device": "cpu", "dtype": args.dtype, "d": dmax, "R": rmax, "method": f"peak_rss:{best}",
                          "steps_per_s": mem["steps_per_second"], "coord_updates_per_s": mem["coord_updates_per_second"],
                          "frac_of_rng_bound": float("nan"), "speedup_vs_naive": float("nan"),
+                         "speedup_vs_reference": float("nan"),
                          "speedup_vs_jax": float("nan"), "steps_per_measurement": 8, "repeats": 1,
                          "chunk_steps": mem["chunk_steps"],
                          "note": f"peak_rss_mb={mem['peak_rss_mb']:.1f}; after_imports_mb={mem['peak_rss_mb_before_run']:.1f}"})
@@ -449,7 +464,9 @@ def run_grid(args):
                "load_average_end": os.getloadavg()[0]}
     if head:
         summary.update(steps_per_second=head[0]["steps_per_s"], d=1000, replicas=1,
-                       speedup_vs_naive=head[0]["speedup_vs_naive"], speedup_vs_jax=head[0]["speedup_vs_jax"],
+                       speedup_vs_naive=head[0]["speedup_vs_naive"],
+                       speedup_vs_reference=head[0]["speedup_vs_reference"],
+                       speedup_vs_jax=head[0]["speedup_vs_jax"],
                        frac_of_rng_bound=head[0]["frac_of_rng_bound"])
     if mem:
         summary["peak_rss_mb_largest_point"] = mem["peak_rss_mb"]

@@ -42,7 +42,7 @@ def test_single_run_writes_all_files(tmp_path):
     n_times = len(np.unique(m["time"]))
     assert 20 <= n_times <= 40
     t = read_csv(run / "theory.csv")
-    assert set(np.unique(t["model"])) == {"gf", "sgd_de"}
+    assert set(np.unique(t["model"])) == {"gf", "sgd_de", "phase3"}
     z = np.load(run / "instance.npz")
     assert z["w0"].shape == (3, 40) and z["lam"].shape == (40,) and z["w_star"].shape == (40,)
     # the logged metrics are those of the stored instance: recompute loss from s, u
