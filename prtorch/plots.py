@@ -62,10 +62,11 @@ def draw_metric(ax, metric, measured, theory=(), phases=None, transform=None):
             if r > 0 and th.model == "gf":
                 st.pop("label", None)
             ax.plot(*_positive(th.time[:, r], tf(th.values[src][:, r]), log_y), **st)
-    for name, t in (phases or {}).items():
+    for i, (name, t) in enumerate((phases or {}).items()):
         if t is not None and np.isfinite(t) and t > 0:
             ax.axvline(t, color="gray", ls=":", lw=1)
-            ax.text(t, 0.98, f" {name}", transform=ax.get_xaxis_transform(), va="top", fontsize=8, color="gray")
+            ax.text(t, 0.98 - 0.05 * i, f" {name}", transform=ax.get_xaxis_transform(), va="top",
+                    fontsize=8, color="gray")
     ax.set_xscale("log")
     if log_y:
         ax.set_yscale("log")
