@@ -530,6 +530,7 @@ def points_rows(points: list, keys: list) -> tuple:
             ok = np.isfinite(t_th) & np.isfinite(y_th)
             row[f"final_mse_{th.model}"] = float(y_th[ok][-1]) if ok.any() else float("nan")
             row[f"mse_max_rel_gap_{th.model}"] = median_gap(meas, th, "mse")
+        row["one_minus_u_spread"] = _late_spread(p, meas)
         row["phase3_max_rel_gap"] = phase3_deviation(p, point_phase3(p))
         row["diverged_replicas"] = sum(len(r.summary.get("diverged") or []) for r in p.runs
                                        if p.lr is None) if p.lr is None else sum(
@@ -542,6 +543,22 @@ def points_rows(points: list, keys: list) -> tuple:
     for row in rows:
         fields += [k for k in row if k not in fields]
     return rows, fields
+
+
+def _late_spread(p: Point, meas: Curves | None) -> float:
+    """SGD fluctuations after T2: the median over records with ``t >= 2 T2`` of the spread
+    ``(P90 - P10) / median`` of ``1 - |u|`` across replicas (NaN with fewer than 2 replicas)."""
+    t2 = _entry_value(p.phases.get("T2") or {})
+    if meas is None or meas.n_curves < 2 or not np.isfinite(t2):
+        return float("nan")
+    y = 1 - np.abs(meas.values["u"])
+    with np.errstate(all="ignore"), warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        t = np.nanmedian(meas.time, axis=1)
+        q10, q50, q90 = np.nanquantile(y, [0.1, 0.5, 0.9], axis=1)
+        r = (q90 - q10) / q50
+    sel = np.isfinite(r) & (t >= 2 * t2) & (q50 > 0)
+    return float(np.median(r[sel])) if sel.any() else float("nan")
 
 
 def _sum_replicas(p: Point) -> int:
@@ -703,6 +720,8 @@ def phase3_overlay(p: Point, max_d: int = 5000) -> Curves | None:
     if not np.isfinite(t2) or t2 <= 0 or not p.finished_runs:
         return None
     run = p.finished_runs[0]
+    if not _num(run.cfg.get("data.a")) > 1:  # the paper's Phase III assumes a > 1
+        return None
     inst = run.instance()
     if inst is None or inst["lam"].size > max_d:
         return None

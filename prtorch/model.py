@@ -45,10 +45,23 @@ def param_mse(w, w_star):
     return (ww + (w_star * w_star).sum(-1) - 2 * abs(wv)) / d
 
 
+def stable_loss(w, lam, w_star, s_star):
+    """``L`` without cancellation near the optimum: with ``q_pm = (w -+ w*)^T Q (w -+ w*)``,
+
+        L = 2 (s - s*)^2 + q_- q_+        (= 3 s^2 + 3 s*^2 - 4 u^2 - 2 s s*),
+
+    both terms >= 0, so ``L`` stays accurate (and >= 0) down to ``L ~ 1e-30``.
+    """
+    s = (lam * w * w).sum(-1)
+    q_minus = (lam * (w - w_star) ** 2).sum(-1)
+    q_plus = (lam * (w + w_star) ** 2).sum(-1)
+    return 2 * (s - s_star) ** 2 + q_minus * q_plus
+
+
 def metrics(w, lam, w_star, s_star) -> dict:
     """Every logged metric of weights ``w`` (``(..., d)``): ``mse, loss, s, u``."""
     s, u = summary_stats(w, lam, w_star)
-    return {"mse": param_mse(w, w_star), "loss": population_loss(s, u, s_star), "s": s, "u": u}
+    return {"mse": param_mse(w, w_star), "loss": stable_loss(w, lam, w_star, s_star), "s": s, "u": u}
 
 
 class QuadraticNeuron(nn.Module):

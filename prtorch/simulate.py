@@ -127,6 +127,8 @@ def simulate(
     w_star = torch.as_tensor(instance.w_star, **kw)
     s_star = float(instance.s_star)
     lr_t = torch.as_tensor(lrs, **kw)
+    lam64 = torch.as_tensor(instance.lam, device=dev, dtype=torch.float64)  # metrics in float64
+    w_star64 = torch.as_tensor(instance.w_star, device=dev, dtype=torch.float64)
     record_steps = np.asarray(record_steps, dtype=np.int64)
 
     gen = torch.Generator(device=dev)
@@ -148,7 +150,7 @@ def simulate(
                 if state.diverged_step[r] < 0:
                     state.diverged_step[r] = state.step
             Wf[bad] = 0.0
-        m = metrics(Wf.double(), lam.double(), w_star.double(), s_star)
+        m = metrics(Wf.double(), lam64, w_star64, s_star)
         dead = torch.as_tensor(state.diverged_step >= 0, device=dev)
         state.records["step"].append(np.full(R, state.step))
         for k in METRICS:

@@ -70,3 +70,18 @@ def test_mse_is_sign_invariant_and_zero_at_target():
     assert float(param_mse(w, ws)) == pytest.approx(float(direct), rel=1e-12)
     m = metrics(ws, torch.as_tensor(inst.lam), ws, inst.s_star)
     assert float(m["loss"]) == pytest.approx(0.0, abs=1e-12)
+
+
+def test_stable_loss_equals_closed_form_and_stays_positive_near_optimum():
+    from prtorch.model import stable_loss
+
+    inst = make_instance(40, 1.5, 1, seed=5)
+    lam, ws = inst.lam, inst.w_star
+    w = inst.w0[0]
+    s, u = summary_stats(w, lam, ws)
+    assert stable_loss(w, lam, ws, inst.s_star) == pytest.approx(population_loss(s, u, inst.s_star), rel=1e-12)
+    # near w*, L ~ 4 s* q (q = e^T Q e): the stable form keeps every digit, the expanded one cannot
+    e = 1e-9 * np.random.default_rng(0).standard_normal(40)
+    q = float(np.sum(lam * e**2))
+    L = stable_loss(-(ws + e), lam, ws, inst.s_star)  # sign invariant too
+    assert L > 0 and L == pytest.approx(4 * inst.s_star * q, rel=1e-6)
