@@ -341,13 +341,14 @@ def measure(cfg: dict, instance: Instance, measured: record.Curves, theory: list
 
 
 def _final(c: record.Curves) -> dict:
-    """Median over curves of each metric at its last finite point."""
+    """Median over curves of each metric at the curve's last record time (diverged curves,
+    NaN there, are left out)."""
     out = {}
     for k, v in c.values.items():
         last = []
         for r in range(v.shape[1]):
-            f = np.flatnonzero(np.isfinite(v[:, r]))
-            if len(f):
+            f = np.flatnonzero(np.isfinite(c.time[:, r]))
+            if len(f) and np.isfinite(v[f[-1], r]):
                 last.append(v[f[-1], r])
         out[k] = float(np.median(last)) if last else float("nan")
     return out

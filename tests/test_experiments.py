@@ -163,7 +163,7 @@ def test_missing_sections_are_tolerated(tiny_sweep, tmp_path):
     for k in ("phases", "exponents", "settings"):
         s.pop(k, None)
     (copy / "summary.json").write_text(json.dumps(s))
-    A.analyze(tmp_path / "runs", tmp_path / "an", dpi=50, log=lambda *_: None)
+    A.analyze(tmp_path / "runs", tmp_path / "an", dpi=40, point_figures=False, log=lambda *_: None)
     cols = A.read_table(tmp_path / "an" / "phases.csv")
     assert len(cols["point"]) == 1 and "T1_value" in cols
     assert (tmp_path / "an" / "report.md").exists()
@@ -183,12 +183,13 @@ def test_lr_list_is_split_into_points(tmp_path):
     cfg.paths.output_dir = "unused"
     c = OmegaConf.to_container(cfg, resolve=True)
     run_job(c, tmp_path / "sweep" / "B=1")
-    A.analyze(tmp_path / "sweep", tmp_path / "an", dpi=50, log=lambda *_: None)
+    A.analyze(tmp_path / "sweep", tmp_path / "an", dpi=40, point_figures=False, log=lambda *_: None)
     cols = A.read_table(tmp_path / "an" / "phases.csv")
     assert sorted(cols["lr"]) == [0.005, 0.02]
     pts = A.read_table(tmp_path / "an" / "points.csv")
     assert list(pts["replicas"]) == [2, 2]
-    assert len(list((tmp_path / "an" / "points").glob("*.png"))) == 2
+    assert pts["final_time"][0] == pytest.approx(2.0) and pts["final_time"][1] <= 2.0  # lr 0.005, 0.02
+    assert (tmp_path / "an" / "sweep_mse.png").exists()  # one curve per learning rate
 
 
 # ----------------------------------------------------------------------------------------------

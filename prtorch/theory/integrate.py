@@ -113,5 +113,7 @@ def integrate(
                     h = hh * grow
             else:
                 h = hh * max(0.1, 0.9 * err ** (-1 / 2))
+                if h < 1e-12 * max(t, 1.0):
+                    raise RuntimeError(f"integrator: step size underflow at t = {t:.6g}")
         out[k] = y
     return out, n_steps

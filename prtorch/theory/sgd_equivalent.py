@@ -116,7 +116,7 @@ noise variance, like the losses the simulations record.
 from __future__ import annotations
 
 import math
-from typing import Callable, Optional, Sequence, Union
+from typing import Callable, Sequence, Union
 
 import numpy as np
 
@@ -707,7 +707,10 @@ def de_error_norm(lam: np.ndarray, w_star: np.ndarray, atol: float = 1e-6) -> Ca
     lw = lam * w_star
     ws2 = w_star * w_star
     a_mu = atol * float(np.linalg.norm(w_star))
-    a_q = a_mu**2
+    # floors well above float64 round-off of q = P - 2 w* mu + w*^2 (a difference of O(w*^2) terms),
+    # so that a run converging to machine precision is not mistaken for a failing step
+    a_q = 1e-8 * float(w_star @ w_star) if atol > 0 else 0.0
+    a_lq = a_q * float(lam.sum()) / d
 
     def error_norm(a, b):
         sign = np.where(b[:, :d] @ w_star < 0, -1.0, 1.0)[:, None]
@@ -717,7 +720,7 @@ def de_error_norm(lam: np.ndarray, w_star: np.ndarray, atol: float = 1e-6) -> Ca
         q = np.abs(b[:, d:] - 2.0 * sw * b[:, :d] + ws2)
         e_mu = np.linalg.norm(dmu, axis=1) / (np.linalg.norm(b[:, :d] - sw, axis=1) + a_mu)
         e_q = dq.sum(1) / (q.sum(1) + a_q)
-        e_lq = (dq @ lam) / (q @ lam + a_q * lam[-1])
+        e_lq = (dq @ lam) / (q @ lam + a_lq)
         return np.maximum(e_mu, np.maximum(e_q, e_lq))
 
     return error_norm
