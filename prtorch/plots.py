@@ -3,6 +3,7 @@ theory (dashed) on one axis. Matplotlib is imported here only (the Agg backend: 
 """
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -46,8 +47,9 @@ def draw_metric(ax, metric, measured, theory=(), phases=None, transform=None):
             for r in sel:
                 ax.plot(*_positive(measured.time[:, r], tf(measured.values[src][:, r]), log_y),
                         color=colors[lr], lw=0.5, alpha=0.35)
-            t = np.nanmedian(measured.time[:, sel], axis=1)
-            with np.errstate(all="ignore"):
+            with warnings.catch_warnings():  # all-NaN rows (a diverged lr) are simply not drawn
+                warnings.simplefilter("ignore", RuntimeWarning)
+                t = np.nanmedian(measured.time[:, sel], axis=1)
                 med = np.nanmedian(tf(measured.values[src][:, sel]), axis=1)
             lab = f"{measured.model.upper()} median of {len(sel)}" + (f" (lr={lr:g})" if len(np.unique(lrs)) > 1 or lr else "")
             ax.plot(*_positive(t, med, log_y), color=colors[lr], lw=2.2, label=lab)
