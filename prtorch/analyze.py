@@ -7,7 +7,7 @@
 
 It reads only the files a run writes (``summary.json``, ``metrics.csv``, ``theory.csv``,
 ``instance.npz``; W&B is never needed), finds every run below the given folder (every folder
-holding a ``summary.json``; ``superseded/`` and earlier analysis folders are skipped) and groups the
+holding a ``summary.json``; ``superseded/``, ``wandb/`` and ``.hydra/`` are skipped) and groups the
 runs by *sweep point*: the config keys that differ between runs (``seed`` excluded: runs that differ
 only in their seed are pooled into one point). A run whose ``optim.lr`` is a list (learning rates as a
 replica axis) is split into one point per learning rate; its phases and exponents are then measured
@@ -23,10 +23,16 @@ Writes into ``--out`` (default ``<dir>/analysis``):
 * ``sweep_<metric>.png``  the medians of every point on one axis (one panel per value of a second
   swept key), gradient flow dashed in the same colour;
 * ``sweep_phases.png``, ``sweep_exponents.png``, ``escape_vs_tail.png``: measured (median, 95% CI)
-  against predicted phase times and exponents as functions of the swept key;
+  against predicted phase times and exponents as functions of the swept key (``escape_vs_tail``:
+  escape time, Phase-III slope and the MSE left at the end, side by side);
+* ``phase3.png``: ``1 - MSE(T2 + tau)/MSE(T2)`` against ``tau`` for every point, with the linearisation
+  and the slope ``1/a`` over the fit window;
 * ``phases.csv``, ``exponents.csv``: one row per sweep point, ``<name>_value``, ``_ci_low``,
-  ``_ci_high``, ``_n``, ``_predicted`` and the extras of each entry (model values, bounds, candidates);
-  ``points.csv``: status, wall time, steps/s and final metrics per point;
+  ``_ci_high``, ``_n``, ``_predicted`` and the extras of each entry (model values ``<name>_gf``, bounds,
+  candidate laws ``<name>_cand_*``, ``mse_tail_drop_phase3_linearisation``: the slope of the
+  linearisation over the same window); ``points.csv``: status, wall time, steps/s, final metrics (at
+  ``final_time``), the replica spread of the final MSE and of ``1 - |u|`` after ``2 T2``, and the largest
+  relative gap of the median MSE to each theory curve and to the Phase-III linearisation;
 * ``report.md``: the tables and every figure.
 
 Several runs in one point (seeds): a phase or exponent is the median of the runs' values, its interval
@@ -878,7 +884,10 @@ def _median_curve(c: Curves, metric: str):
     with np.errstate(all="ignore"), warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)  # all-NaN rows (diverged replicas)
         t = np.nanmedian(c.time, axis=1)
-        v = 1 - np.abs(c.values["u"]) if metric == "one_minus_u" else c.values[metric]
+        if metric in ("u", "one_minus_u"):  # runs converge to w* or -w*: the sign-invariant |u|
+            v = np.abs(c.values["u"]) if metric == "u" else 1 - np.abs(c.values["u"])
+        else:
+            v = c.values[metric]
         y = np.nanmedian(v, axis=1)
     return t, y
 
@@ -1154,6 +1163,17 @@ def _window(key):
         o = np.argsort(x)
         ax.plot(x[o], np.array(ys)[o], "^:", color=colour, ms=5, lw=1,
                 label=f"finite-d prediction, same window {glabel}".strip())
+        xs, ys = [], []
+        for p in pts:
+            v = _num((p.exponents.get(key) or {}).get("phase3_linearisation"))
+            if np.isfinite(v):
+                xs.append(p.params.get(x_key))
+                ys.append(v)
+        if xs:
+            x, _ = _xpos(xs, cats)
+            o = np.argsort(x)
+            ax.plot(x[o], np.array(ys)[o], "x", color=colour, ms=7, mew=1.5,
+                    label=f"Phase-III linearisation from e(T2), same window {glabel}".strip())
         return True
     return extra
 
@@ -1195,13 +1215,15 @@ def sweep_scalar_figures(points: list, keys: list, out: Path, dpi: int, by=None)
                  fontsize=10)
     paths.append(_save(fig, out / "sweep_exponents.png", dpi))
     # escape vs tail, side by side
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4.5))
+    fig, axes = plt.subplots(1, 3, figsize=(16, 4.5))
     _scalar_panel(axes[0], points, x_key, series, lambda p: p.phases.get("T1"), "escape time T1 (Phase I)",
                   log_x, True)
     axes[0].set_ylabel("T1 (time)")
     _scalar_panel(axes[1], points, x_key, series, lambda p: p.exponents.get("mse_tail_drop"),
                   "Phase-III slope: 1 - MSE(T2+τ)/MSE(T2) ~ τ^(1/a)", log_x, False, _window("mse_tail_drop"))
     axes[1].set_ylabel("exponent")
+    _scalar_panel(axes[2], points, x_key, series, final_mse, "MSE left at the end of the run (median)", log_x, True)
+    axes[2].set_ylabel("MSE at t_end")
     fig.suptitle(f"{name}: escape vs tail across {SHORT.get(x_key, x_key)}", fontsize=10)
     paths.append(_save(fig, out / "escape_vs_tail.png", dpi))
     return paths
@@ -1274,7 +1296,7 @@ def write_report(out: Path, src: Path, runs: list, points: list, keys: list, fig
         lines += [""] + src_notes
     lines += ["", "## Figures", ""]
     captions = {
-        "escape_vs_tail": "Escape time and Phase-III slope across the sweep (measured: dots with CI; predicted: open squares; finite-d prediction over the fit window: triangles).",
+        "escape_vs_tail": "Escape time, Phase-III slope and the MSE left at the end across the sweep (measured: dots with CI; predicted: open squares; finite-d prediction over the fit window: triangles; Phase-III linearisation from the error profile at T2: crosses).",
         "sweep_phases": "Phase times and final MSE across the sweep.",
         "sweep_exponents": "Exponents across the sweep; for 1-|u| the three candidate laws (paper bound (a-1)/(2a), appendix 1/a, tail mass 1-1/a) in gray.",
         "sweep_mse": "MSE: median per sweep point (solid), gradient flow (dashed).",

@@ -169,6 +169,30 @@ def test_missing_sections_are_tolerated(tiny_sweep, tmp_path):
     assert (tmp_path / "an" / "report.md").exists()
 
 
+def test_seeds_are_pooled_into_one_point(tiny_sweep, tmp_path):
+    sweep, _ = tiny_sweep
+    run = next(iter(sorted(sweep.glob("*/summary.json")))).parent
+    for seed in (0, 1):
+        copy = tmp_path / "runs" / f"seed={seed}"
+        shutil.copytree(run, copy)
+        s = json.loads((copy / "summary.json").read_text())
+        s["config"]["seed"] = seed
+        (copy / "summary.json").write_text(json.dumps(s))
+    A.analyze(tmp_path / "runs", tmp_path / "an", dpi=40, point_figures=False, log=lambda *_: None)
+    cols = A.read_table(tmp_path / "an" / "phases.csv")
+    assert list(cols["n_runs"]) == [2]
+    np.testing.assert_equal(cols["T1_value"][0], float(s["phases"]["T1"]["measured"]["value"]))
+
+
+@pytest.mark.parametrize("sweep", sorted(p.stem for p in (CONF / "sweep").glob("*.yaml")))
+def test_reusable_sweeps_compose(sweep):
+    with initialize_config_dir(version_base="1.3", config_dir=str(CONF)):
+        cfg = compose(config_name="config", overrides=["experiment=fig3_small", f"+sweep={sweep}"],
+                      return_hydra_config=True)
+    params = OmegaConf.to_container(cfg.hydra.sweeper.params)
+    assert "data.a" in params and len(params) >= 1
+
+
 # ----------------------------------------------------------------------------------------------
 # learning-rate lists: one point per learning rate, measured on its own replicas
 
