@@ -32,6 +32,12 @@ def test_every_preset_composes_and_validates(preset):
     assert cfg["name"]
 
 
+def test_preset_values_win_over_defaults():
+    cfg = composed("experiment=smoke")
+    assert cfg["replicas"] == 4 and cfg["data"]["d"] == 50 and cfg["logger"]["kind"] == "none"
+    assert composed("experiment=smoke", "replicas=2")["replicas"] == 2  # the command line wins
+
+
 def test_lr_list_is_a_replica_axis():
     cfg = composed("optim.lr=[0.001,0.01]")
     validate(cfg)
