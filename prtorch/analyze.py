@@ -82,19 +82,10 @@ class AnalyzeError(Exception):
 # reading runs
 
 def read_table(path) -> dict:
-    """A CSV as columns: float arrays where every non-empty entry is a number (empty -> NaN), else str."""
-    with open(path, newline="") as f:
-        rows = list(csv.DictReader(f))
-    if not rows:
-        return {}
-    out = {}
-    for k in rows[0]:
-        col = [r.get(k) or "" for r in rows]
-        try:
-            out[k] = np.array([float(x) if x != "" else np.nan for x in col])
-        except ValueError:
-            out[k] = np.array(col)
-    return out
+    """A CSV as columns (see :func:`prtorch.record.read_csv`)."""
+    from prtorch.record import read_csv
+
+    return read_csv(path)
 
 
 def _pivot(cols: dict, model: str, keys: tuple, sel=None) -> Curves | None:

@@ -133,16 +133,16 @@ def _json_default(o):
 
 
 def read_csv(path) -> dict:
-    """A CSV as columns of numpy arrays (numeric where possible)."""
+    """A CSV as columns: float arrays where every non-empty entry is a number (empty -> NaN), else str."""
     with open(path, newline="") as f:
         rows = list(csv.DictReader(f))
     if not rows:
         return {}
     out = {}
     for k in rows[0]:
-        col = [r[k] for r in rows]
+        col = [r.get(k) or "" for r in rows]
         try:
-            out[k] = np.array([float(x) for x in col])
+            out[k] = np.array([float(x) if x != "" else np.nan for x in col])
         except ValueError:
             out[k] = np.array(col)
     return out
