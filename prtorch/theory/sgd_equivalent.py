@@ -94,16 +94,17 @@ end-implicit scalars (no reflection of the stiff ``(s, u)`` coupling).
 Time stepping
 -------------
 The scalars ``c`` at the end of each step are solved implicitly, ``c = (s, u)(flow(y, c, h))``, and
-the step size is controlled by step doubling, as in :func:`prtorch.theory.integrate.integrate`
-(state ``y = [mu, P]`` of shape ``(N, 2 d)``, one row per initialisation / learning rate; error
-measured relative to ``||mu - w*||``, ``E||w - w*||^2`` and its ``Q``-weighted version, which
-carries the loss). ``method="integrate"`` runs exactly that function. The default
-``method="chord"`` runs :func:`integrate_chord`, the same algorithm tuned to this flow: the Newton
-solve starts from scalars extrapolated from the previous steps, reuses its finite-difference
-Jacobian as a chord (about 16 flow evaluations per step instead of ~50), the extrapolation
-``fine + (fine - coarse)/3`` and step-size exponent ``1/3`` match the second-order step, and a
-curve whose second moment blows up (SGD beyond its stability edge: ``s`` past ``1e3 max(1, s*, s(0))``)
-is reported as NaN from then on.
+the step size is controlled by step doubling with local Richardson extrapolation
+(:func:`prtorch.theory.integrate.integrate` with ``order=2``: ``fine + (fine - coarse)/3``, step
+exponent ``1/3``; about 16 flow evaluations per step), on the state ``y = [mu, P]`` of shape
+``(N, 2 d)``, one row per initialisation / learning rate. The error is measured relative to
+``||mu - w*||``, ``E||w - w*||^2`` and its ``Q``-weighted version, which carries the loss. A curve
+whose second moment blows up (SGD beyond its stability edge: ``s`` past
+``1e3 max(1, s*, s(0))``) is reported as NaN from then on.
+
+Speed: :class:`DEFlow` evaluates the step either in numpy (the reference) or, when numba is
+installed, with the compiled kernel of :mod:`prtorch.theory.de_numba`, which fuses the rates, the
+exponential factors, the step and the new scalars into one pass over the coordinates.
 
 Outputs
 -------
@@ -413,6 +414,22 @@ _EXPAND_IDX = np.array([0 * 5 + 0, 0 * 5 + 1, 1 * 5 + 2, 1 * 5 + 3, 2 * 5 + 0, 2
                         3 * 5 + 2, 3 * 5 + 3, 4 * 5 + 0, 4 * 5 + 4])
 
 
+def _load_kernels(backend: str):
+    """The compiled flow (:mod:`prtorch.theory.de_numba`) for ``backend`` "numba" or "auto" (when
+    numba imports), else ``None`` (numpy)."""
+    if backend not in ("auto", "numpy", "numba"):
+        raise ValueError(f"backend={backend!r}: expected 'auto', 'numpy' or 'numba'")
+    if backend == "numpy":
+        return None
+    try:
+        from prtorch.theory import de_numba
+    except ImportError:
+        if backend == "numba":
+            raise ImportError("backend='numba' needs numba (pip install numba)") from None
+        return None
+    return de_numba
+
+
 class DEFlow:
     """Fast ``flow(y, c, h)`` (same math as :func:`de_flow`) plus ``scalars(y)`` for the integrators.
 
@@ -423,7 +440,8 @@ class DEFlow:
     """
 
     def __init__(self, lam: np.ndarray, w_star: np.ndarray, s_star: float, lr: np.ndarray,
-                 inv_batch: float, sigma: float, interpolate: bool = True, drift: bool = True):
+                 inv_batch: float, sigma: float, interpolate: bool = True, drift: bool = True,
+                 backend: str = "auto"):
         self.lam, self.w_star, self.s_star = lam, w_star, float(s_star)
         self.lw = lam * w_star
         self.lam2 = lam * lam
@@ -439,7 +457,10 @@ class DEFlow:
         self.set_lr(lr)
         self._cache_y = None
         self._cache_k0 = None
+        self._last_out, self._last_scal = None, None
         self.n_calls = 0
+        self._kernels = _load_kernels(backend)
+        self.backend = "numba" if self._kernels is not None else "numpy"
 
     def set_lr(self, lr: np.ndarray) -> None:
         """Use learning rates ``lr`` (one per row of the next states; no-op if unchanged)."""
@@ -453,6 +474,9 @@ class DEFlow:
 
     def scalars(self, y: np.ndarray) -> np.ndarray:
         """:func:`de_scalars` (``s, u`` and, with ``drift``, ``s^(2), u^(2)``)."""
+        m = 4 if self.drift else 2
+        if y is self._last_out:  # the compiled flow summed them while writing the state
+            return self._last_scal[:, :m].copy()
         d = self.d
         mu, P = y[:, :d], y[:, d:]
         if self.drift:
@@ -462,6 +486,11 @@ class DEFlow:
     def factors(self, c: np.ndarray) -> np.ndarray:
         """Per-row factors ``(N, 10)`` of the rates (basis of :func:`_coefficient_matrix`), with the
         ``s', u'`` terms of the drift correction (:func:`drift_slopes`) when ``drift``."""
+        if self._kernels is not None:
+            k = np.empty((c.shape[0], 10))
+            self._kernels.de_factors(np.ascontiguousarray(c, dtype=np.float64), self._coef,
+                                     self.lr[:, 0].copy(), self.s_star, self.s2_star, self.drift, k)
+            return k
         s, u = c[:, 0], c[:, 1]
         su = s * u
         mono = np.stack([np.ones_like(s), s, u, s * s, su, u * u, s * s * s, su * u], axis=1)
@@ -499,6 +528,12 @@ class DEFlow:
             self._cache_y = y
         k0 = self._cache_k0
         k1 = self.factors(c)
+        if self._kernels is not None:
+            kd = k1 - k0 if self.interpolate else np.zeros_like(k1)
+            out, self._last_scal = self._kernels.de_step(np.ascontiguousarray(y), k1, kd, self._basis,
+                                                         h, self.interpolate)
+            self._last_out = out
+            return out
         a1, b1, g1, d1, e1 = self._expand(k1)
         za, zg = a1 * (-h), g1 * (-h)
         ea, eg, p1a, p2a, p1g, p2g, dga, d2, d3 = step_divided_differences(za, zg)
@@ -518,156 +553,7 @@ class DEFlow:
         return out
 
 
-def _linear_solve(J: np.ndarray, g: np.ndarray) -> np.ndarray:
-    """``J^{-1} g`` per row (``J`` is ``(N, m, m)``); singular rows give non-finite values."""
-    if J.shape[1] == 2:  # closed form: never raises, and a bad row cannot spoil the others
-        with np.errstate(divide="ignore", invalid="ignore"):
-            det = J[:, 0, 0] * J[:, 1, 1] - J[:, 0, 1] * J[:, 1, 0]
-            return np.stack([J[:, 1, 1] * g[:, 0] - J[:, 0, 1] * g[:, 1],
-                             J[:, 0, 0] * g[:, 1] - J[:, 1, 0] * g[:, 0]], axis=1) / det[:, None]
-    with np.errstate(all="ignore"):
-        try:
-            return np.linalg.solve(J, g[..., None])[..., 0]
-        except np.linalg.LinAlgError:
-            pass
-        out = np.full(g.shape, np.nan)
-        for r in range(g.shape[0]):
-            try:
-                out[r] = np.linalg.solve(J[r], g[r])
-            except np.linalg.LinAlgError:
-                pass
-        return out
-
-
-def _solve_scalars(y, h, c, scalars, flow, J=None, tol=1e-13, max_iter=20):
-    """Chord/Newton solve of ``c = scalars(flow(y, c, h))`` from the guess ``c`` (``(N, m)``).
-
-    The finite-difference Jacobian of ``g(c) = c - scalars(flow(y, c, h))`` is formed at the first
-    iterate (unless ``J`` is given) and again only when convergence is slower than a factor 1/4 per
-    iteration. Returns ``(flow(y, c, h), c, J, converged)`` with ``converged`` per row; the flow at
-    the last iterate is returned as is once every row's next correction is below ``tol``
-    (relative), which saves a final evaluation. Rows that turn non-finite, or have not converged
-    after ``max_iter`` iterations, report failure.
-    """
-    m = c.shape[1]
-    prev = np.inf
-    with np.errstate(over="ignore", invalid="ignore"):
-        for it in range(max_iter):
-            yk = flow(y, c, h)
-            g = c - scalars(yk)
-            if J is None:
-                J = np.empty(c.shape + (m,))
-                for j in range(m):
-                    eps = 1e-7 * np.maximum(1.0, np.abs(c[:, j]))
-                    cj = c.copy()
-                    cj[:, j] += eps
-                    J[:, :, j] = (cj - scalars(flow(y, cj, h)) - g) / eps[:, None]
-            delta = _linear_solve(J, g)
-            size_rows = np.max(np.abs(delta) / np.maximum(1.0, np.abs(c)), axis=1)
-            bad = ~np.isfinite(size_rows)
-            size = float(np.max(size_rows[~bad])) if (~bad).any() else 0.0
-            if size <= tol:
-                return yk, c, J, ~bad
-            if size > 0.25 * prev:
-                J = None  # slow chord: refresh the Jacobian at the next iterate
-            prev = size
-            c = c - np.where(bad[:, None], 0.0, delta)
-        # not converged: the rows that did converge are fine (their c no longer moves)
-        return yk, c, J, size_rows <= tol
-
-
 DIVERGED_FACTOR = 1e3  # a DE curve whose s exceeds this times max(1, s*, s(0)) has diverged
-
-
-def integrate_chord(
-    y0: np.ndarray,
-    times: np.ndarray,
-    scalars: Callable,
-    flow: Callable,
-    error_norm: Callable,
-    rtol: float = 1e-6,
-    h0: float = 1e-3,
-    h_max: float = np.inf,
-    max_steps: int = 1_000_000,
-    order: int = 2,
-    diverged_s: float = 1e8,
-):
-    """Same contract as :func:`prtorch.theory.integrate.integrate` (states at ``times``, number of
-    accepted steps), tuned for a flow of the given ``order`` and few flow evaluations.
-
-    Each accepted step solves the end scalars implicitly (:func:`_solve_scalars`) for one step of
-    ``h`` and two of ``h/2``; the initial scalars are extrapolated from the last two accepted states
-    (the second half-step starts from the coarse step's end scalars and reuses the first half-step's
-    Jacobian). The error estimate of the fine solution is ``error_norm(coarse, fine) / (2^p - 1)``,
-    the accepted state the local Richardson extrapolation ``fine + (fine - coarse) / (2^p - 1)``, and
-    the step changes by ``0.9 err^(-1/(p+1))`` (at most doubling, at least a tenth).
-
-    Divergence: the equations can blow up in finite time (the noise term grows like ``s^3``: the
-    second moment of SGD diverges). A row whose first scalar exceeds ``diverged_s``, or that makes the
-    step collapse (below ``1e-10 max(t, 1)``, failing its implicit solve or error test), is marked
-    diverged: its state is set to 0 (a fixed point of the flow) and its outputs are NaN from then on.
-    Any other step collapse raises ``RuntimeError``.
-    """
-    y = np.array(y0, dtype=np.float64)
-    N = y.shape[0]
-    out = np.empty((len(times),) + y.shape)
-    out[0] = y
-    alive = np.ones(N, dtype=bool)
-    rich = 2.0**order - 1.0
-    expo = -1.0 / (order + 1)
-    t, h, n_steps = float(times[0]), float(h0), 0
-    c_now = scalars(y)
-    c_prev, h_prev = None, None
-
-    def kill(rows):
-        nonlocal y, c_now, c_prev
-        alive[rows] = False
-        y = y.copy()
-        y[rows] = 0.0
-        c_now = scalars(y)
-        c_prev = None
-
-    for k in range(1, len(times)):
-        t_next = float(times[k])
-        while t < t_next * (1 - 1e-14) - 1e-300:
-            hh = min(h, t_next - t, h_max)
-            slope = None if c_prev is None else (c_now - c_prev) / h_prev
-            guess = c_now if slope is None else c_now + slope * hh
-            coarse, cc, _, ok1 = _solve_scalars(y, hh, guess, scalars, flow)
-            g_half = 0.5 * (c_now + cc)
-            if slope is not None:  # quadratic through (t - h_prev, t, t + hh) at t + hh/2
-                curv = ((cc - c_now) / hh - slope) / (hh + h_prev)
-                g_half = c_now + slope * (hh / 2) + curv * (hh / 2) * (hh / 2 + h_prev)
-            half, _, Jh, ok2 = _solve_scalars(y, hh / 2, g_half, scalars, flow)
-            fine, _, _, ok3 = _solve_scalars(half, hh / 2, cc, scalars, flow, J=Jh)
-            with np.errstate(over="ignore", invalid="ignore"):
-                err_rows = np.asarray(error_norm(coarse, fine), dtype=np.float64) / rich / rtol
-            err_rows = np.where(np.isfinite(err_rows) & ok1 & ok2 & ok3, err_rows, 1e3)
-            err = float(np.max(err_rows))
-            if err <= 1.0:
-                y = fine + (fine - coarse) / rich
-                t += hh
-                n_steps += 1
-                if n_steps > max_steps:
-                    raise RuntimeError("integrator: too many steps")
-                c_prev, c_now, h_prev = c_now, scalars(y), hh
-                blown = alive & ~(np.abs(c_now[:, 0]) < diverged_s)
-                if blown.any():
-                    kill(blown)
-                grow = 2.0 if err < 1e-6 else min(2.0, 0.9 * err**expo)
-                if hh == h:  # only grow from a step that was not clipped by a save time
-                    h = hh * grow
-            else:
-                h = hh * max(0.1, 0.9 * err**expo)
-                if h < 1e-10 * max(t, 1.0):
-                    blown = alive & (err_rows > 1.0)
-                    if not blown.any():
-                        raise RuntimeError("integrator: step size underflow")
-                    kill(blown)
-                    h = h_prev if h_prev else h0
-        out[k] = y
-        out[k][~alive] = np.nan
-    return out, n_steps
 
 
 def _prepare(w0, lr, lam, w_star):
@@ -728,58 +614,43 @@ def de_error_norm(lam: np.ndarray, w_star: np.ndarray, atol: float = 1e-6) -> Ca
 
 def sgd_equivalent(w0: np.ndarray, lam: np.ndarray, w_star: np.ndarray, times: np.ndarray,
                    lr: ArrayLike, batch_size: Union[int, float] = 1, label_noise: float = 0.0,
-                   rtol: float = 1e-5, atol: float = 1e-6, method: str = "chord",
-                   interpolate: bool = True, drift: bool = True):
+                   rtol: float = 1e-5, atol: float = 1e-6, interpolate: bool = True,
+                   drift: bool = True, backend: str = "auto"):
     """DE states ``[mu, P]`` at ``times`` (``times[0]`` is the start, usually 0).
 
     w0: ``(d,)`` or ``(N, d)`` deterministic initial weights (``mu = w0``, ``P = w0^2``).
     lr: scalar or ``(N,)``, one per row; a single ``w0`` row is repeated for each ``lr`` and a
     single ``lr`` for each row. batch_size: ``B >= 1`` or ``inf`` (population GD).
     label_noise: standard deviation ``sigma`` of ``xi``. rtol/atol: step-error tolerances
-    (:func:`de_error_norm`). method: ``"chord"`` (:func:`integrate_chord`; a row whose second
-    moment blows up turns NaN) or ``"integrate"`` (:func:`prtorch.theory.integrate.integrate`, which
-    raises instead, and is about 3x slower). interpolate: second-order step (see the module
-    docstring); ``False`` freezes the coefficients at the end scalars. drift: add the
-    ``-(eta/2) d/dt`` drift correction that makes the equations consistent to ``O(eta)``
-    (``False`` gives model.md §5 verbatim; see the module docstring).
+    (:func:`de_error_norm`). interpolate: second-order step (see the module docstring); ``False``
+    freezes the coefficients at the end scalars. drift: add the ``-(eta/2) d/dt`` drift correction
+    that makes the equations consistent to ``O(eta)`` (``False`` gives model.md §5 verbatim; see the
+    module docstring). backend: ``"numba"`` (the compiled flow of :mod:`prtorch.theory.de_numba`),
+    ``"numpy"`` (the reference), or ``"auto"`` (numba when it imports).
+
+    A row whose second moment blows up (SGD past its stability edge) turns NaN from then on, the
+    others go on (:func:`prtorch.theory.integrate.integrate`).
 
     Returns ``(states, n_steps)``: ``states`` of shape ``(len(times), N, 2 d)`` holding
     ``[mu, P]`` and the number of accepted steps.
     """
     w0, lrs, lam, w_star, _ = _prepare(w0, lr, lam, w_star)
-    return _run(w0, lrs, lam, w_star, times, batch_size, label_noise, rtol, atol, method, interpolate,
-                drift)
+    return _run(w0, lrs, lam, w_star, times, batch_size, label_noise, rtol, atol, interpolate, drift,
+                backend)
 
 
-def _run(w0, lrs, lam, w_star, times, batch_size, label_noise, rtol, atol, method, interpolate, drift):
+def _run(w0, lrs, lam, w_star, times, batch_size, label_noise, rtol, atol, interpolate, drift, backend):
     s_star = float(np.sum(lam * w_star**2))
     flow = DEFlow(lam, w_star, s_star, lrs, _inverse_batch(batch_size), float(label_noise), interpolate,
-                  drift)
+                  drift, backend)
     y0 = np.concatenate([w0, w0 * w0], axis=1)
     times = np.asarray(times, dtype=np.float64)
     h0 = min(1e-3, float(times[1] - times[0]) if len(times) > 1 else 1e-3)
     err = de_error_norm(lam, w_star, atol)
     # the second moment of a converging run stays O(max(s*, s(0))); past this it blows up in finite time
     blowup = DIVERGED_FACTOR * max(1.0, s_star, float(np.max(y0[:, w0.shape[1]:] @ lam)))
-    if method == "chord":
-        return integrate_chord(y0, times, flow.scalars, flow, err, rtol=rtol, h0=h0,
-                               order=2 if interpolate else 1, diverged_s=blowup)
-    if method == "integrate":
-        # integrate() hands the flow only the rows still alive once one diverges: carry each row's
-        # learning rate as a last, constant column so that the rows keep their own parameters
-        y0a = np.concatenate([y0, lrs[:, None]], axis=1)
-
-        def flow_a(ya, c, h):
-            flow.set_lr(ya[:, -1])
-            out = np.empty_like(ya)
-            out[:, :-1] = flow(ya[:, :-1], c, h)
-            out[:, -1] = ya[:, -1]
-            return out
-
-        states, n = integrate(y0a, times, lambda ya: flow.scalars(ya[:, :-1]), flow_a,
-                              lambda a, b: err(a[:, :-1], b[:, :-1]), rtol=rtol, h0=h0, blowup=blowup)
-        return states[..., :-1], n
-    raise ValueError(f"method={method!r}: expected 'chord' or 'integrate'")
+    return integrate(y0, times, flow.scalars, flow, err, rtol=rtol, h0=h0,
+                     order=2 if interpolate else 1, diverged_s=blowup)
 
 
 def de_metrics(states: np.ndarray, lam: np.ndarray, w_star: np.ndarray) -> dict:
@@ -813,12 +684,12 @@ def sgd_de_curves(w0: np.ndarray, lam: np.ndarray, w_star: np.ndarray, times: np
     arguments pass through); columns ``init`` (row of ``w0``) and ``lr``.
     """
     w0, lrs, lam, w_star, init = _prepare(w0, lr, lam, w_star)
-    kw = {"atol": 1e-6, "method": "chord", "interpolate": True, "drift": True, **kwargs}
-    unknown = set(kw) - {"atol", "method", "interpolate", "drift"}
+    kw = {"atol": 1e-6, "interpolate": True, "drift": True, "backend": "auto", **kwargs}
+    unknown = set(kw) - {"atol", "interpolate", "drift", "backend"}
     if unknown:
         raise TypeError(f"sgd_de_curves: unexpected keyword arguments {sorted(unknown)}")
     states, _ = _run(w0, lrs, lam, w_star, times, batch_size, label_noise, rtol, kw["atol"],
-                     kw["method"], kw["interpolate"], kw["drift"])
+                     kw["interpolate"], kw["drift"], kw["backend"])
     vals = de_metrics(states, lam, w_star)
     T, N = vals["mse"].shape
     return Curves("sgd_de", np.repeat(np.asarray(times, dtype=float)[:, None], N, 1), vals,
