@@ -91,8 +91,9 @@ def _state(d=40, a=1.5, seed=2, n=3, scale=1.0):
     return inst, np.concatenate([mu, P], axis=1)
 
 
+@pytest.mark.parametrize("backend", ["numpy", "numba"])
 @pytest.mark.parametrize("case", ["escape", "converging", "alpha_zero", "gamma_eq_alpha"])
-def test_frozen_step_is_exact(case):
+def test_frozen_step_is_exact(case, backend):
     """With the scalars frozen, one step of any size equals the ODE solution (growing modes,
     ``alpha = 0`` and ``gamma = alpha`` included)."""
     inst, y = _state()
@@ -113,7 +114,8 @@ def test_frozen_step_is_exact(case):
         lr = (a1[:, 5] / x[:, 5])[:, None]
         assert np.all(lr > 0)
     rates = de_rates(c, lam, ws, ss, lr, f, sigma)
-    fast = DEFlow(lam, ws, ss, lr[:, 0], f, sigma, interpolate=False, drift=False)
+    fast = DEFlow(lam, ws, ss, lr[:, 0], f, sigma, interpolate=False, drift=False, backend=backend)
+    assert fast.backend == backend
     for h in (1e-3, 0.7, 20.0):
         ref = np.array([solve_ivp(_rhs_row(rates, r, d), (0, h), y[r], method="DOP853",
                                   rtol=1e-12, atol=1e-14).y[:, -1] for r in range(3)])
@@ -160,7 +162,8 @@ def test_moving_step_is_second_order(drift):
     assert errs[True][-1] < 0.1 * errs[False][-1]
 
 
-def test_fast_flow_matches_reference_flow():
+@pytest.mark.parametrize("backend", ["numpy", "numba"])
+def test_fast_flow_matches_reference_flow(backend):
     inst, y = _state(d=60, a=2.0, seed=4)
     lam, ws, ss = inst.lam, inst.w_star, inst.s_star
     rng = np.random.default_rng(5)
@@ -168,7 +171,7 @@ def test_fast_flow_matches_reference_flow():
     for f in (1.0, 0.25, 0.0):
         for drift in (False, True):
             for interp in (False, True):
-                fast = DEFlow(lam, ws, ss, lr, f, 0.4, interpolate=interp, drift=drift)
+                fast = DEFlow(lam, ws, ss, lr, f, 0.4, interpolate=interp, drift=drift, backend=backend)
                 for h in (1e-3, 0.3, 10.0):
                     c = de_scalars(y, lam, ws) * (1 + 0.02 * rng.normal(size=(3, 4)))
                     cf = c if drift else c[:, :2]  # the fast flow carries s^(2), u^(2) only for the drift
@@ -340,14 +343,68 @@ def test_divergence_is_reported_per_curve():
     assert np.isfinite(c.values["mse"][:2, 1]).all() and np.isnan(c.values["mse"][2:, 1]).all()
 
 
-def test_integrate_method_agrees_with_chord():
-    """The shared integrator (method="integrate") and the chord variant solve the same equations."""
-    inst = make_instance(12, 1.5, 1, seed=8)
-    times = save_times(20.0, 3, 1e-2)
-    a = sgd_de_curves(inst.w0, inst.lam, inst.w_star, times, 2e-2, label_noise=0.2)
-    b = sgd_de_curves(inst.w0, inst.lam, inst.w_star, times, 2e-2, label_noise=0.2, method="integrate")
-    for k in ("mse", "loss"):
-        assert np.max(np.abs(a.values[k] / b.values[k] - 1)) < 2e-3, k
+def test_compiled_flow_matches_numpy_flow_everywhere():
+    """The numba kernel against the numpy flow over the whole range of exponents: rates from 1e-9
+    to 1e2 times h from 1e-9 to 1e4 (series, expm1 and exp branches, |z| up to 1e6), growing modes
+    (A < 0), A = 0 and eta = 0, with the scalars the kernel sums while writing the state."""
+    lam = np.logspace(1, -9, 700)
+    rng = np.random.default_rng(11)
+    ws = rng.normal(size=700) * lam ** 0.25
+    ss = float(lam @ ws**2)
+    mu = rng.normal(size=(4, 700)) * 0.3
+    y = np.concatenate([mu, mu**2 + 0.01 * rng.random(mu.shape)], axis=1)
+    lr = np.array([0.0, 1e-3, 3e-2, 0.2])
+    for drift in (False, True):
+        ref = DEFlow(lam, ws, ss, lr, 0.5, 0.3, drift=drift, backend="numpy")
+        fast = DEFlow(lam, ws, ss, lr, 0.5, 0.3, drift=drift, backend="numba")
+        c0 = ref.scalars(y)
+        for c in (c0 * 1.01, np.tile(c0[:1] * [0.05, 0.02, 1, 1][:c0.shape[1]], (4, 1)),
+                  np.column_stack([np.full(4, ss / 3), c0[:, 1:]])):
+            for h in 10.0 ** np.arange(-9, 5):
+                with np.errstate(all="ignore"):  # growing modes overflow at the largest h: inf in both
+                    want, got = ref(y, c, h), fast(y, c, h)
+                finite = np.isfinite(want)
+                assert np.array_equal(finite, np.isfinite(got)), (drift, h)
+                scale = np.abs(want[finite]).max()
+                assert np.allclose(got[finite], want[finite], rtol=1e-11, atol=1e-14 * scale), (drift, h)
+                if finite.all():
+                    assert np.allclose(fast.scalars(got), ref.scalars(want), rtol=1e-11, atol=1e-14 * scale)
+
+
+def test_compiled_and_numpy_backends_give_the_same_curves():
+    """Whole DE runs (step control included) agree between backends, lr list and label noise."""
+    inst = make_instance(80, 1.5, 1, seed=8)
+    times = save_times(300.0, 5, 1e-2)
+    a = sgd_de_curves(inst.w0, inst.lam, inst.w_star, times, [2e-3, 2e-2], label_noise=0.2, backend="numpy")
+    b = sgd_de_curves(inst.w0, inst.lam, inst.w_star, times, [2e-3, 2e-2], label_noise=0.2, backend="numba")
+    for k in ("mse", "loss", "s", "u"):
+        assert np.allclose(a.values[k], b.values[k], rtol=1e-7, atol=0), k
+
+
+def test_parallel_kernel_is_bitwise_serial(monkeypatch):
+    """Blocks run on all cores or one after the other give the same bits (fixed summation order)."""
+    from prtorch.theory import flows_numba
+    inst, y = _state(d=900, a=2.0, seed=3, n=2)
+    flow = DEFlow(inst.lam, inst.w_star, inst.s_star, np.array([1e-2, 5e-2]), 1.0, 0.0, backend="numba")
+    c = flow.scalars(y) * 1.02
+    outs = []
+    for threshold in (1, 10**12):
+        monkeypatch.setattr(flows_numba, "PARALLEL_MIN", threshold)
+        flow._cache_y = None
+        outs.append((flow(y, c, 0.5), flow._last_scal))
+    assert np.array_equal(outs[0][0], outs[1][0]) and np.array_equal(outs[0][1], outs[1][1])
+
+
+def test_backend_without_numba(monkeypatch):
+    """Without numba, "auto" falls back to numpy and "numba" says what is missing in one line."""
+    import sys
+    monkeypatch.setitem(sys.modules, "prtorch.theory.flows_numba", None)
+    inst = make_instance(10, 1.5, 1, seed=0)
+    assert DEFlow(inst.lam, inst.w_star, inst.s_star, np.array([1e-2]), 1.0, 0.0).backend == "numpy"
+    with pytest.raises(ImportError, match="needs numba"):
+        DEFlow(inst.lam, inst.w_star, inst.s_star, np.array([1e-2]), 1.0, 0.0, backend="numba")
+    with pytest.raises(ValueError, match="backend"):
+        DEFlow(inst.lam, inst.w_star, inst.s_star, np.array([1e-2]), 1.0, 0.0, backend="cuda")
 
 
 def test_speed_report():

@@ -28,6 +28,7 @@ All arrays are numpy float64 with a leading batch axis ``N`` (independent trajec
 """
 from __future__ import annotations
 
+import importlib
 from typing import Callable
 
 import numpy as np
@@ -38,6 +39,36 @@ def phi1(z: np.ndarray) -> np.ndarray:
     small = np.abs(z) < 1e-8
     zs = np.where(small, 1.0, z)
     return np.where(small, 1.0 + z / 2, np.expm1(zs) / zs)
+
+
+def load_kernels(backend: str):
+    """The compiled flows (:mod:`prtorch.theory.flows_numba`) for ``backend`` "numba", or "auto" when
+    numba imports; ``None`` (the numpy reference) for "numpy" or "auto" without numba."""
+    if backend not in ("auto", "numpy", "numba"):
+        raise ValueError(f"backend={backend!r}: expected 'auto', 'numpy' or 'numba'")
+    if backend == "numpy":
+        return None
+    try:
+        return importlib.import_module("prtorch.theory.flows_numba")
+    except ImportError:
+        if backend == "numba":
+            raise ImportError("backend='numba' needs numba (pip install numba)") from None
+        return None
+
+
+_PHI2_SERIES = [1.0 / __import__("math").factorial(k + 2) for k in range(11)]
+
+
+def phi2(z: np.ndarray) -> np.ndarray:
+    """``(e^z - 1 - z) / z^2 = (phi1(z) - 1) / z``: a power series below ``|z| = 0.05`` (where the
+    difference would lose digits), the difference beyond."""
+    z = np.asarray(z, dtype=np.float64)
+    small = np.abs(z) < 0.05
+    zs = np.where(small, 1.0, z)
+    series = np.zeros_like(z)
+    for c in reversed(_PHI2_SERIES):
+        series = series * z + c
+    return np.where(small, series, (phi1(zs) - 1.0) / zs)
 
 
 def _linear_solve(J: np.ndarray, g: np.ndarray) -> np.ndarray:

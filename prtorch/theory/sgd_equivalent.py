@@ -103,7 +103,7 @@ whose second moment blows up (SGD beyond its stability edge: ``s`` past
 ``1e3 max(1, s*, s(0))``) is reported as NaN from then on.
 
 Speed: :class:`DEFlow` evaluates the step either in numpy (the reference) or, when numba is
-installed, with the compiled kernel of :mod:`prtorch.theory.de_numba`, which fuses the rates, the
+installed, with the compiled kernel of :mod:`prtorch.theory.flows_numba`, which fuses the rates, the
 exponential factors, the step and the new scalars into one pass over the coordinates.
 
 Outputs
@@ -124,7 +124,7 @@ import numpy as np
 from prtorch.model import population_loss
 from prtorch.record import Curves
 from prtorch.theory.gaussian import h_moments
-from prtorch.theory.integrate import integrate, phi1
+from prtorch.theory.integrate import integrate, load_kernels, phi1
 
 ArrayLike = Union[float, Sequence[float], np.ndarray]
 
@@ -414,22 +414,6 @@ _EXPAND_IDX = np.array([0 * 5 + 0, 0 * 5 + 1, 1 * 5 + 2, 1 * 5 + 3, 2 * 5 + 0, 2
                         3 * 5 + 2, 3 * 5 + 3, 4 * 5 + 0, 4 * 5 + 4])
 
 
-def _load_kernels(backend: str):
-    """The compiled flow (:mod:`prtorch.theory.de_numba`) for ``backend`` "numba" or "auto" (when
-    numba imports), else ``None`` (numpy)."""
-    if backend not in ("auto", "numpy", "numba"):
-        raise ValueError(f"backend={backend!r}: expected 'auto', 'numpy' or 'numba'")
-    if backend == "numpy":
-        return None
-    try:
-        from prtorch.theory import de_numba
-    except ImportError:
-        if backend == "numba":
-            raise ImportError("backend='numba' needs numba (pip install numba)") from None
-        return None
-    return de_numba
-
-
 class DEFlow:
     """Fast ``flow(y, c, h)`` (same math as :func:`de_flow`) plus ``scalars(y)`` for the integrators.
 
@@ -459,7 +443,7 @@ class DEFlow:
         self._cache_k0 = None
         self._last_out, self._last_scal = None, None
         self.n_calls = 0
-        self._kernels = _load_kernels(backend)
+        self._kernels = load_kernels(backend)
         self.backend = "numba" if self._kernels is not None else "numpy"
 
     def set_lr(self, lr: np.ndarray) -> None:
@@ -625,7 +609,7 @@ def sgd_equivalent(w0: np.ndarray, lam: np.ndarray, w_star: np.ndarray, times: n
     (:func:`de_error_norm`). interpolate: second-order step (see the module docstring); ``False``
     freezes the coefficients at the end scalars. drift: add the ``-(eta/2) d/dt`` drift correction
     that makes the equations consistent to ``O(eta)`` (``False`` gives model.md §5 verbatim; see the
-    module docstring). backend: ``"numba"`` (the compiled flow of :mod:`prtorch.theory.de_numba`),
+    module docstring). backend: ``"numba"`` (the compiled flow of :mod:`prtorch.theory.flows_numba`),
     ``"numpy"`` (the reference), or ``"auto"`` (numba when it imports).
 
     A row whose second moment blows up (SGD past its stability edge) turns NaN from then on, the

@@ -1,14 +1,18 @@
-"""Compiled flow of the SGD deterministic equivalent (numba; optional, loaded lazily).
+"""Compiled flows of the SGD deterministic equivalent and of gradient flow (numba; optional, loaded
+lazily).
 
-Same math, term by term, as :meth:`prtorch.theory.sgd_equivalent.DEFlow.__call__` (its numpy path
+:func:`de_step`: same math, term by term, as :meth:`prtorch.theory.sgd_equivalent.DEFlow.__call__` (its numpy path
 is the reference, and the tests hold the two to 1e-12): for each row and coordinate the five rates
 from the per-row factors, the nine exponential factors of :func:`step_divided_differences`, the
 step, and the scalars ``(s, u, s^(2), u^(2))`` of the new state, all in one pass over the
 coordinates without temporaries. The numpy path spends most of its time on ~40 array temporaries
 per call; here a call at ``d = 1000`` costs a few microseconds per hundred coordinates.
 
-Importing this module raises ``ImportError`` when numba is missing; :class:`DEFlow` then keeps the
-numpy path.
+:func:`gf_step`: the second-order gradient-flow step of :func:`prtorch.theory.gradient_flow.gf_flow`
+(its reference) with the new scalars ``(s, u)``.
+
+Importing this module raises ``ImportError`` when numba is missing; the flows then keep their numpy
+path.
 """
 from __future__ import annotations
 
@@ -21,15 +25,26 @@ from numba import njit, prange
 _OPTS = dict(cache=True, nogil=True, error_model="numpy", fastmath=False)
 _TAU = 0.05          # |z| below which phi2 and the 3-/4-node differences are power series
 _NSER = 11           # series terms: for |z| < 0.05 the first omitted one is < 1e-22 relative
-PARALLEL_MIN = 20_000  # rows x coordinates from which the coordinate loop runs on all cores
+PARALLEL_MIN = 1_000   # rows x coordinates from which the blocks run on all cores
+BLOCK = 256           # coordinates per block (partial sums of the scalars)
 _INV_FACT = np.array([1.0 / math.factorial(k) for k in range(_NSER + 4)])
 
 
 @njit(inline="always", **_OPTS)
-def _phi1(z):
-    if z == 0.0:
-        return 1.0
-    return math.expm1(z) / z
+def _exp_phi1(z):
+    """``(e^z, phi1(z) = (e^z - 1)/z)`` to a few ulps: a power series below ``|z| = 0.05``,
+    ``expm1`` up to ``|z| = 1/2`` and the plain ``exp`` (twice as fast; no cancellation there) beyond."""
+    az = abs(z)
+    if az < _TAU:
+        p = 0.0
+        for k in range(_NSER - 1, -1, -1):
+            p = p * z + _INV_FACT[k + 1]
+        return 1.0 + z * p, p
+    if az < 0.5:
+        m = math.expm1(z)
+        return 1.0 + m, m / z
+    e = math.exp(z)
+    return e, (e - 1.0) / z
 
 
 @njit(inline="always", **_OPTS)
@@ -46,11 +61,9 @@ def _element(mu, P, h, a1, b1, g1, d1, e1, da, db, dg, dd, de, interpolate):
     """One coordinate of the DE step (module docstring of sgd_equivalent); returns (mu(h), P(h))."""
     za = -a1 * h
     zg = -g1 * h
-    ea = math.exp(za)
-    eg = math.exp(zg)
-    p1a = _phi1(za)
-    p1g = _phi1(zg)
-    dga = math.exp(max(za, zg)) * _phi1(-abs(zg - za))
+    ea, p1a = _exp_phi1(za)
+    eg, p1g = _exp_phi1(zg)
+    dga = max(ea, eg) * _exp_phi1(-abs(zg - za))[1]
     aza = abs(za)
     azg = abs(zg)
     if aza < _TAU and azg < _TAU:
@@ -62,15 +75,11 @@ def _element(mu, P, h, a1, b1, g1, d1, e1, da, db, dg, dd, de, interpolate):
         zan = 1.0
         d2 = 0.5
         d3 = 1.0 / 6.0
-        f2 = 0.5
-        f3 = 1.0 / 6.0
         for n in range(1, _NSER):
             zan *= za
             hn = zg * hn + zan
-            f2 /= n + 2.0
-            f3 /= n + 3.0
-            d2 += hn * f2
-            d3 += hn * f3
+            d2 += hn * _INV_FACT[n + 2]
+            d3 += hn * _INV_FACT[n + 3]
     else:
         p2a = _phi2_series(za) if aza < _TAU else (p1a - 1.0) / za
         p2g = _phi2_series(zg) if azg < _TAU else (p1g - 1.0) / zg
@@ -120,43 +129,32 @@ def _row(y, out, n, d, k1, kd, basis, h, interpolate, i0, i1):
 
 
 @njit(**_OPTS)
-def de_step_serial(y, k1, kd, basis, h, interpolate, out, scal):
-    """``out = flow(y)`` for all rows, ``scal`` (``(N, 4)``) its scalars; ``kd = k1 - k0``."""
-    N = y.shape[0]
+def de_step_serial(y, k1, kd, basis, h, interpolate, part, size, out):
+    """``out = flow(y)`` for all rows, with the partial scalars (s, u, s2, u2) of each block of
+    ``size`` coordinates in ``part`` (``(N, n_blocks, 4)``); ``kd = k1 - k0``."""
+    N, n_blocks = part.shape[0], part.shape[1]
     d = basis.shape[1]
-    for n in range(N):
-        s, u, s2, u2 = _row(y, out, n, d, k1[n], kd[n], basis, h, interpolate, 0, d)
-        scal[n, 0] = s
-        scal[n, 1] = u
-        scal[n, 2] = s2
-        scal[n, 3] = u2
+    for job in range(N * n_blocks):
+        n = job // n_blocks
+        b = job % n_blocks
+        i0 = b * size
+        res = _row(y, out, n, d, k1[n], kd[n], basis, h, interpolate, i0, min(d, i0 + size))
+        for j in range(4):
+            part[n, b, j] = res[j]
 
 
 @njit(parallel=True, **_OPTS)
-def de_step_parallel(y, k1, kd, basis, h, interpolate, out, scal, n_blocks):
-    """:func:`de_step_serial` with the coordinates of each row split into ``n_blocks`` blocks run in
-    parallel (partial scalars summed per block, in a fixed order: the result does not depend on
-    the thread count)."""
-    N = y.shape[0]
+def de_step_parallel(y, k1, kd, basis, h, interpolate, part, size, out):
+    """:func:`de_step_serial` with the blocks run in parallel."""
+    N, n_blocks = part.shape[0], part.shape[1]
     d = basis.shape[1]
-    part = np.zeros((N, n_blocks, 4))
-    size = (d + n_blocks - 1) // n_blocks
     for job in prange(N * n_blocks):
         n = job // n_blocks
         b = job % n_blocks
         i0 = b * size
-        i1 = min(d, i0 + size)
-        s, u, s2, u2 = _row(y, out, n, d, k1[n], kd[n], basis, h, interpolate, i0, i1)
-        part[n, b, 0] = s
-        part[n, b, 1] = u
-        part[n, b, 2] = s2
-        part[n, b, 3] = u2
-    for n in range(N):
+        res = _row(y, out, n, d, k1[n], kd[n], basis, h, interpolate, i0, min(d, i0 + size))
         for j in range(4):
-            acc = 0.0
-            for b in range(n_blocks):
-                acc += part[n, b, j]
-            scal[n, j] = acc
+            part[n, b, j] = res[j]
 
 
 @njit(**_OPTS)
@@ -199,11 +197,47 @@ def de_factors(c, coef, lr, s_star, s2_star, drift, out):
 
 def de_step(y: np.ndarray, k1: np.ndarray, kd: np.ndarray, basis: np.ndarray, h: float,
             interpolate: bool):
-    """``(flow(y), scalars)``: new state ``(N, 2 d)`` and its ``(s, u, s^(2), u^(2))`` (``(N, 4)``)."""
+    """``(flow(y), scalars)``: new state ``(N, 2 d)`` and its ``(s, u, s^(2), u^(2))`` (``(N, 4)``).
+
+    The scalars are summed per block of :data:`BLOCK` coordinates and then over the blocks in order,
+    so the result is the same whether the blocks run serially or on all cores (from
+    :data:`PARALLEL_MIN` rows x coordinates) and whatever the thread count."""
+    N, d = y.shape[0], basis.shape[1]
+    n_blocks = (d + BLOCK - 1) // BLOCK
     out = np.empty_like(y)
-    scal = np.empty((y.shape[0], 4))
-    if y.shape[0] * basis.shape[1] >= PARALLEL_MIN and numba.get_num_threads() > 1:
-        de_step_parallel(y, k1, kd, basis, float(h), interpolate, out, scal, 64)
+    part = np.empty((N, n_blocks, 4))
+    if N * d >= PARALLEL_MIN and numba.get_num_threads() > 1:
+        de_step_parallel(y, k1, kd, basis, float(h), interpolate, part, BLOCK, out)
     else:
-        de_step_serial(y, k1, kd, basis, float(h), interpolate, out, scal)
+        de_step_serial(y, k1, kd, basis, float(h), interpolate, part, BLOCK, out)
+    return out, part.sum(axis=1)
+
+
+@njit(**_OPTS)
+def gf_step_kernel(w, A1, C1, dA, dC, lam, lw, h, out, scal):
+    """Rows ``n``: ``out = gf_flow(w)`` with end coefficients ``A1, C1`` and their change over the
+    step ``dA, dC`` (each ``(N,)``); ``scal = (s, u)`` of ``out``."""
+    N, d = w.shape
+    for n in range(N):
+        s = 0.0
+        u = 0.0
+        for i in range(d):
+            z = -A1[n] * lam[i] * h
+            e, p1 = _exp_phi1(z)
+            p2 = _phi2_series(z) if abs(z) < _TAU else (p1 - 1.0) / z
+            wi = w[n, i]
+            r = dA[n] * lam[i] * wi - dC[n] * lw[i]
+            o = e * wi + (C1[n] * lw[i] * h) * p1 + (h * r) * (p1 - p2)
+            out[n, i] = o
+            s += lam[i] * o * o
+            u += lw[i] * o
+        scal[n, 0] = s
+        scal[n, 1] = u
+
+
+def gf_step(w, A1, C1, dA, dC, lam, lw, h):
+    """``(gf_flow(w), (s, u) of it)`` for coefficient vectors ``A1, C1, dA, dC`` (``(N,)``)."""
+    out = np.empty_like(w)
+    scal = np.empty((w.shape[0], 2))
+    gf_step_kernel(w, A1, C1, dA, dC, lam, lw, float(h), out, scal)
     return out, scal
