@@ -23,8 +23,9 @@ that a neighbour has pre-empted), which hits the naive and reference loops.
 * ``<engine>+prefetch`` (``--prefetch``): the engine fed by a background thread that draws the next
   chunk while the engine works on this one (a possible change to simulate.py; same numbers, same order).
 
-Also times the theory integrators (gradient flow, and the SGD deterministic equivalent if present)
-and, in a fresh process, the peak memory of the largest grid point.
+Also times the theory integrators (gradient flow and the SGD deterministic equivalent, ``a = 2``,
+``t`` to ``1e5``; compiled and numpy flows at ``d = 1000``, compiled at ``d = 1e5``, each with its
+error against a ``rtol = 1e-8`` run) and, in a fresh process, the peak memory of the largest grid point.
 
 Usage::
 
@@ -32,6 +33,7 @@ Usage::
     python scripts/bench.py --quick            # < 1 min (a smoke test: short, noisy measurements)
     python scripts/bench.py --d 1000 --replicas 1 --steps 20000 --engine numba   # one point, JSON line
     python scripts/bench.py --chunk-sweep      # steps/s vs simulate's chunk size (CHUNK_ELEMENTS)
+    python scripts/bench.py --theory sgd_equivalent --theory-d 100000 --theory-no-accuracy   # one integrator
 """
 from __future__ import annotations
 
@@ -288,44 +290,75 @@ def measure_point(point: Point, methods, repeats: int, budget_s: float, log=prin
 
 
 # ---------------------------------------------------------------- theory integrators
-def time_theory_one(which: str, d=1000, a=2.0, t_end=1e5) -> dict:
-    """Wall time of one theory integrator from the instance's init to ``t_end`` (71 save times)."""
+def _theory_call(which, inst, times, backend, rtol):
+    if which == "gradient_flow":
+        from prtorch.theory.gradient_flow import gradient_flow
+        states, n = gradient_flow(inst.w0, inst.lam, inst.w_star, times, rtol=rtol, backend=backend)
+        mse = ((states - inst.w_star) ** 2 * inst.lam).sum(-1)          # ||w - w*||_lam^2
+    else:
+        from prtorch.theory.sgd_equivalent import sgd_equivalent
+        states, n = sgd_equivalent(inst.w0, inst.lam, inst.w_star, times, lr=LR, rtol=rtol, backend=backend)
+        d = inst.lam.size
+        mu, P = states[..., :d], states[..., d:]
+        mse = ((P - 2 * mu * inst.w_star + inst.w_star**2) * inst.lam).sum(-1)  # E||w - w*||_lam^2
+    return mse[:, 0], int(n)
+
+
+def time_theory_one(which: str, backend: str = "auto", d: int = 1000, a: float = 2.0, t_end: float = 1e5,
+                    accuracy: bool = True) -> dict:
+    """Wall time of one theory integrator (``backend``) from the instance's init to ``t_end``
+    (71 log-spaced save times), after a short warm-up call (numba's compile, cached on disk, is not
+    counted). ``accuracy``: also the max relative error of the MSE curve against the same integrator
+    at ``rtol = 1e-8`` (the default is ``1e-5``)."""
     inst = make_instance(d, a, 1, seed=0)
     times = np.concatenate([[0.0], np.logspace(-2, np.log10(t_end), 71)])
-    note = f"a={a}, t to {t_end:g}"
-    if which == "gradient_flow":
-        from prtorch.theory.gradient_flow import gradient_flow as fn
-        call = lambda: fn(inst.w0, inst.lam, inst.w_star, times)  # noqa: E731
-    else:
-        try:
-            from prtorch.theory.sgd_equivalent import sgd_equivalent as fn
-        except ImportError as e:
-            return {"method": f"theory:{which}", "d": d, "note": f"skipped ({e})"}
-        call = lambda: fn(inst.w0, inst.lam, inst.w_star, times, lr=LR)  # noqa: E731
-        note += f", lr={LR}"
-    t = time.perf_counter()
+    name = f"theory:{which}[{backend}]"
+    note = f"a={a}, t to {t_end:g}" + (f", lr={LR}" if which == "sgd_equivalent" else "")
     try:
-        _, n_steps = call()
-    except Exception as e:  # a young module: report, do not fail the benchmark
-        return {"method": f"theory:{which}", "d": d, "note": f"failed: {type(e).__name__}: {e}"}
-    return {"method": f"theory:{which}", "d": d, "wall_s": time.perf_counter() - t,
-            "integrator_steps": int(n_steps), "note": note}
+        _theory_call(which, make_instance(64, a, 1, seed=1), times[:3], backend, 1e-5)   # warm-up / compile
+        t = time.perf_counter()
+        mse, n_steps = _theory_call(which, inst, times, backend, 1e-5)
+        wall = time.perf_counter() - t
+    except Exception as e:  # report, do not fail the benchmark
+        return {"method": name, "d": d, "note": f"failed: {type(e).__name__}: {e}"}
+    out = {"method": name, "d": d, "wall_s": wall, "integrator_steps": n_steps, "note": note}
+    if accuracy:
+        ref, _ = _theory_call(which, inst, times, backend, 1e-8)
+        out["max_rel_err_mse"] = float(np.max(np.abs(mse - ref) / np.abs(ref)))
+        out["note"] += f", max rel. MSE error vs rtol=1e-8: {out['max_rel_err_mse']:.1e}"
+    return out
 
 
-def time_theory(timeout_s: float, t_end: float = 1e5):
-    """Each integrator in a fresh process, killed after ``timeout_s`` (reported, not fatal)."""
+def time_theory(timeout_s: float, points, t_end: float = 1e5):
+    """Each (integrator, backend, d) in a fresh process, killed after ``timeout_s`` (reported, not fatal)."""
     out = []
-    for which in ("gradient_flow", "sgd_equivalent"):
-        cmd = [sys.executable, __file__, "--theory", which, "--theory-t-end", str(t_end)]
+    for which, backend, d in points:
+        cmd = [sys.executable, __file__, "--theory", which, "--theory-backend", backend,
+               "--theory-d", str(d), "--theory-t-end", str(t_end)]
+        if d > 10_000:
+            cmd.append("--theory-no-accuracy")
+        name = f"theory:{which}[{backend}]"
         try:
             res = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout_s)
             out.append(json.loads(res.stdout.strip().splitlines()[-1]))
         except subprocess.TimeoutExpired:
-            out.append({"method": f"theory:{which}", "d": 1000,
+            out.append({"method": name, "d": d,
                         "note": f"timed out after {timeout_s:g} s (a=2, t to {t_end:g}; raise --theory-timeout)"})
         except Exception as e:
-            out.append({"method": f"theory:{which}", "d": 1000, "note": f"failed: {type(e).__name__}: {e}"})
+            out.append({"method": name, "d": d, "note": f"failed: {type(e).__name__}: {e}"})
     return out
+
+
+def theory_points(quick: bool):
+    """d = 1000 with both backends (numba only if it imports); d = 1e5 compiled (full runs only)."""
+    from prtorch.theory.integrate import load_kernels
+    fast = load_kernels("auto") is not None
+    pts = [(w, "numpy", 1000) for w in ("gradient_flow", "sgd_equivalent")]
+    if fast:
+        pts += [(w, "numba", 1000) for w in ("gradient_flow", "sgd_equivalent")]
+        if not quick:
+            pts += [(w, "numba", 100_000) for w in ("gradient_flow", "sgd_equivalent")]
+    return pts
 
 
 # ---------------------------------------------------------------- drivers
@@ -420,10 +453,10 @@ def run_grid(args):
                           f"{row['frac_of_rng_bound']:>8.2f} {row['speedup_vs_naive']:>8.2f} "
                           f"{row['speedup_vs_reference']:>7.2f} {row['speedup_vs_jax']:>7.2f}",
                           flush=True)
-    print("\n## theory integrators (d=1000, a=2, fresh process each)")
-    for r in time_theory(args.theory_timeout or (10 if quick else 120)):
-        print(f"{r['method']:>24}: " + (f"{r['wall_s']:.2f} s, {r['integrator_steps']} steps, " if "wall_s" in r else "")
-              + r["note"])
+    print("\n## theory integrators (a=2, t to 1e5, fresh process each, numba compile not counted)")
+    for r in time_theory(args.theory_timeout or (30 if quick else 180), theory_points(quick)):
+        print(f"{r['method']:>32} d={r['d']:<7}: "
+              + (f"{r['wall_s']:.2f} s, {r['integrator_steps']} steps, " if "wall_s" in r else "") + r["note"])
         rows.append({"device": "cpu", "dtype": "float64", "d": r["d"], "R": 1, "method": r["method"],
                      "steps_per_s": float("nan"), "coord_updates_per_s": float("nan"),
                      "frac_of_rng_bound": float("nan"), "speedup_vs_naive": float("nan"),
@@ -539,8 +572,11 @@ def main(argv=None):
     ap.add_argument("--cpu-only", action="store_true")
     ap.add_argument("--chunk-sweep", action="store_true")
     ap.add_argument("--theory", choices=["gradient_flow", "sgd_equivalent"], help="time one theory integrator")
+    ap.add_argument("--theory-backend", default="auto", choices=["auto", "numba", "numpy"])
+    ap.add_argument("--theory-d", type=int, default=1000)
+    ap.add_argument("--theory-no-accuracy", action="store_true", help="skip the rtol=1e-8 reference run")
     ap.add_argument("--theory-t-end", type=float, default=1e5)
-    ap.add_argument("--theory-timeout", type=float, default=None, help="seconds per integrator (default 120, quick 10)")
+    ap.add_argument("--theory-timeout", type=float, default=None, help="seconds per integrator (default 180, quick 30)")
     ap.add_argument("--out", default="outputs/bench/bench.csv")
     ap.add_argument("--torch-threads", type=int, default=None, help="torch.set_num_threads (default: leave)")
     ap.add_argument("--numba-threads", type=int, default=None, help="numba.set_num_threads (default: leave)")
@@ -551,7 +587,8 @@ def main(argv=None):
         import numba
         numba.set_num_threads(args.numba_threads)
     if args.theory:
-        print(json.dumps(time_theory_one(args.theory, t_end=args.theory_t_end)))
+        print(json.dumps(time_theory_one(args.theory, args.theory_backend, args.theory_d,
+                                         t_end=args.theory_t_end, accuracy=not args.theory_no_accuracy)))
     elif args.d is not None:
         if args.steps is None:
             args.steps = max(1, int(2e7 // (args.d * args.replicas)))
