@@ -247,6 +247,9 @@ def _run(cfg, out, instance, state, lrs, algorithm, n_steps, steps, dev, dtype, 
         diverged=res.diverged,
         **report,
     )
+    checks = theory_checks(theory)
+    if checks:
+        summary["theory_checks"] = checks
     if cfg["dtype"] == "float32" and np.nanmin(measured.values["mse"]) < 1e-7:
         summary["warning"] = ("MSE fell below ~1e-7, where float32 weights stall: "
                               "rerun with dtype=float64 for the late tail")
@@ -296,20 +299,42 @@ def compute_theory(cfg: dict, instance: Instance, measured: record.Curves, lrs) 
         if p3 is not None:
             out.append(p3)
     if th["sgd_de"] and cfg["optim"]["algorithm"] == "sgd":
+        from prtorch.theory.sgd_equivalent import sgd_de_curves
+
+        w0 = np.repeat(inits, len(lrs), axis=0)
+        lr = np.tile(lrs, len(inits))
         try:
-            from prtorch.theory.sgd_equivalent import sgd_de_curves
-        except ImportError:
-            sgd_de_curves = None
-        if sgd_de_curves is not None:
-            w0 = np.repeat(inits, len(lrs), axis=0)
-            lr = np.tile(lrs, len(inits))
-            try:
-                c = sgd_de_curves(w0, instance.lam, instance.w_star, times, lr,
-                                  batch_size=cfg["optim"]["batch_size"],
-                                  label_noise=float(cfg["data"]["label_noise"]), rtol=th["rtol"])
-                out.append(c)
-            except Exception as e:  # a theory failure must not cost the measured run
-                log.warning("SGD deterministic equivalent failed, left out: %s", e)
+            c = sgd_de_curves(w0, instance.lam, instance.w_star, times, lr,
+                              batch_size=cfg["optim"]["batch_size"],
+                              label_noise=float(cfg["data"]["label_noise"]), rtol=th["rtol"])
+            out.append(c)
+        except Exception as e:  # a theory failure must not cost the measured run
+            log.warning("SGD deterministic equivalent failed, left out: %s", e)
+    return out
+
+
+def theory_checks(theory: list) -> dict:
+    """Range-of-validity diagnostics of the theory curves (``summary.json`` ``theory_checks``).
+
+    ``sgd_de``: :func:`prtorch.theory.sgd_equivalent.escape_noise_ratio` per curve; above
+    ``NOISE_RATIO_WARN`` the escape is noise-driven, the DE (a mean) no longer describes single
+    runs, and the run warns."""
+    out = {}
+    for c in theory:
+        ratio = c.info.get("escape_noise_ratio")
+        if ratio is None or len(ratio) == 0:
+            continue
+        from prtorch.theory.sgd_equivalent import NOISE_RATIO_WARN
+
+        worst = float(np.nanmax(ratio))
+        entry = {"escape_noise_ratio": [float(r) for r in ratio], "threshold": NOISE_RATIO_WARN,
+                 "reliable": bool(worst <= NOISE_RATIO_WARN)}
+        if not entry["reliable"]:
+            entry["warning"] = (f"{c.model}: escape noise ratio {worst:.2g} > {NOISE_RATIO_WARN}: the escape "
+                                "is noise-driven and the SGD deterministic equivalent (a mean) may be far "
+                                "from single runs; compare with the measured median")
+            log.warning(entry["warning"])
+        out[c.model] = entry
     return out
 
 

@@ -41,13 +41,15 @@ class Curves:
     """Trajectories of ``R`` curves at ``T`` record points.
 
     time: (T, R) times (``t = lr * step`` for engines); values: metric -> (T, R) arrays;
-    columns: per-curve labels (e.g. ``replica``, ``lr``) -> (R,) arrays; model: the source label.
+    columns: per-curve labels (e.g. ``replica``, ``lr``) -> (R,) arrays; model: the source label;
+    info: per-curve diagnostics of a model (name -> (R,) array; kept out of the CSV files).
     """
 
     model: str
     time: np.ndarray
     values: dict
     columns: dict = field(default_factory=dict)
+    info: dict = field(default_factory=dict)
 
     @property
     def n_curves(self) -> int:

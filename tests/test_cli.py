@@ -43,6 +43,9 @@ def test_single_run_writes_all_files(tmp_path):
     assert 20 <= n_times <= 40
     t = read_csv(run / "theory.csv")
     assert set(np.unique(t["model"])) == {"gf", "sgd_de", "phase3"}
+    chk = s["theory_checks"]["sgd_de"]  # one DE curve (one shared init, one lr)
+    assert len(chk["escape_noise_ratio"]) == 1 and chk["escape_noise_ratio"][0] >= 0
+    assert chk["reliable"] == (chk["escape_noise_ratio"][0] <= chk["threshold"])
     z = np.load(run / "instance.npz")
     assert z["w0"].shape == (3, 40) and z["lam"].shape == (40,) and z["w_star"].shape == (40,)
     # the logged metrics are those of the stored instance: recompute loss from s, u

@@ -4,7 +4,6 @@ From the bottom up: divided differences of exp, the exact frozen step, the secon
 step, the fast flow against the reference one, the limits (eta -> 0 is gradient flow, B = inf is
 population GD), and finally the SGD median itself at small and at large learning rate.
 """
-import time
 
 import numpy as np
 import pytest
@@ -17,8 +16,9 @@ from prtorch.problem import make_instance
 from prtorch.record import save_steps, save_times
 from prtorch.simulate import simulate
 from prtorch.theory.gradient_flow import gf_curves
-from prtorch.theory.sgd_equivalent import (DEFlow, de_flow, de_rates, de_scalars, exp_dd, sgd_de_curves,
-                                           sgd_equivalent, step_divided_differences)
+from prtorch.theory.measure import crossing_time
+from prtorch.theory.sgd_equivalent import (DEFlow, de_flow, de_rates, de_scalars, escape_noise_ratio, exp_dd,
+                                           sgd_de_curves, sgd_equivalent, step_divided_differences)
 
 
 # --------------------------------------------------------------------------- divided differences
@@ -259,10 +259,10 @@ def test_batch_size_orders_the_noise():
 
 # --------------------------------------------------------------------------- against SGD
 
-def _sgd_and_models(d, a, lr, T, replicas, seed, label_noise, per_decade=10):
+def _sgd_and_models(d, a, lr, T, replicas, seed, label_noise, per_decade=10, engine="reference"):
     inst = make_instance(d, a, replicas, seed=seed)
     n = int(round(T / lr))
-    sim = simulate(inst, lr, n, save_steps(n, per_decade), engine="reference", dtype=torch.float64,
+    sim = simulate(inst, lr, n, save_steps(n, per_decade), engine=engine, dtype=torch.float64,
                    seed=seed, label_noise=label_noise)
     times = sim.curves.time[:, 0]
     de = sgd_de_curves(inst.w0[0], inst.lam, inst.w_star, times, lr, label_noise=label_noise)
@@ -270,29 +270,59 @@ def _sgd_and_models(d, a, lr, T, replicas, seed, label_noise, per_decade=10):
     return sim.curves, de, gf, times
 
 
-@pytest.mark.slow
-def test_sgd_median_at_small_learning_rate():
-    """d = 300, a = 1.5, eta = 1e-3, 8 replicas from one init, t up to 120 (escape at t ~ 2, then
-    convergence to u ~ 0.9): the median SGD MSE and loss stay within 3% of the DE at every logged
-    time. Around the escape the median's own standard error reaches 1-2% of the loss, so the 3% band
-    is tight there (other seeds: up to 3.4%); elsewhere the DE is within ~0.5%."""
-    sgd, de, gf, times = _sgd_and_models(300, 1.5, 1e-3, 120.0, 8, seed=1, label_noise=0.0)
-    for k in ("mse", "loss"):
-        med = sgd.median(k)
-        gap_de = np.abs(de.values[k][:, 0] / med - 1)
-        gap_gf = np.abs(gf.values[k][:, 0] / med - 1)
-        print(f"\n{k}: max |DE/median - 1| = {gap_de.max():.4f} (t = {times[gap_de.argmax()]:.3g}), "
-              f"GF {gap_gf.max():.4f} (t = {times[gap_gf.argmax()]:.3g})")
-        assert gap_de.max() < 0.03, (k, gap_de.max())
+def _escape_window(c):
+    """``[T1, 1.5 T1']`` of a model curve: from ``|u| = 0.1`` to past the last ``s = 1/3`` crossing."""
+    t = c.time[:, 0]
+    t1 = crossing_time(t, np.abs(c.values["u"][:, 0]), 0.1, "up")
+    t1p = crossing_time(t, c.values["s"][:, 0], 1 / 3, "up", last=True)
+    return (t >= t1) & (t <= 1.5 * t1p)
 
 
 @pytest.mark.slow
-def test_sgd_median_at_large_learning_rate():
-    """eta = 2e-2 with label noise 0.5 (16 replicas, t up to 300): GF misses the SGD median by
-    ~8% in MSE and ~30% in loss late in training (no noise floor); the DE stays within 4% in MSE
-    at every logged time and within ~10% in loss on average over t >= 10 (where single runs
-    fluctuate by tens of percent)."""
-    sgd, de, gf, times = _sgd_and_models(300, 1.5, 2e-2, 300.0, 16, seed=1, label_noise=0.5)
+@pytest.mark.parametrize("seed", [0, 2])
+def test_sgd_median_at_paper_fig5_setting(seed):
+    """Figure-5 setting (d = 300, a = 1.5, eta = 1e-3, label noise sigma = 0.05), t up to 30 (escape,
+    then u ~ 0.9), 64 replicas from one init so that the median is the population median to ~1%.
+
+    Measured (docs/results.md, "SGD deterministic equivalent"): the DE is within 0.2% of the median
+    MSE at every logged time and within ~1.3% of the median loss outside the escape window
+    ``[T1, 1.5 T1']``, where GF is 2-3x further off. Inside the window the mean-field closure of the
+    DE cannot see the spread of escape times across replicas (the median replica escapes a few
+    percent later; E[s] runs ~7% above the DE's during Phase I), and the loss, falling steeply there,
+    is off by up to ~10% (seed 0; 3% for seed 2) -- GF more so. Seed 0 is the worst of seeds 0-7."""
+    inst = make_instance(300, 1.5, 64, seed=seed)
+    lr, T = 1e-3, 30.0
+    n = int(round(T / lr))
+    sim = simulate(inst, lr, n, save_steps(n, 10), engine="numba", dtype=torch.float32, seed=seed,
+                   label_noise=0.05)
+    times = sim.curves.time[:, 0]
+    de = sgd_de_curves(inst.w0[0], inst.lam, inst.w_star, times, lr, label_noise=0.05)
+    gf = gf_curves(inst.w0[0], inst.lam, inst.w_star, times)
+    win = _escape_window(de)
+    assert 3 <= win.sum() < len(times) // 2
+    gap = {}
+    for name, c in (("de", de), ("gf", gf)):
+        for k in ("mse", "loss"):
+            gap[name, k] = np.abs(c.values[k][:, 0] / sim.curves.median(k) - 1)
+    print(f"\nseed {seed}: DE mse {gap['de', 'mse'].max():.4f}, loss outside/inside the escape "
+          f"{gap['de', 'loss'][~win].max():.4f}/{gap['de', 'loss'][win].max():.4f}; GF "
+          f"{gap['gf', 'mse'].max():.4f}, {gap['gf', 'loss'][~win].max():.4f}/{gap['gf', 'loss'][win].max():.4f}")
+    assert gap["de", "mse"].max() < 0.01
+    assert gap["de", "loss"][~win].max() < 0.025
+    assert gap["de", "loss"][~win].max() < 0.8 * gap["gf", "loss"][~win].max()
+    assert gap["de", "loss"][win].max() < 0.15  # the known limitation, bounded
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("seed", [2, 4])
+def test_sgd_median_at_large_learning_rate(seed):
+    """eta = 1e-2 with label noise 0.5 (d = 300, a = 1.5, 16 replicas, t up to 300): GF misses the SGD
+    median by 2-3% in MSE and by ~25% in loss late in training (no noise floor); the DE is 3-4x
+    closer in MSE and 3-5x in loss (seeds 1-5 measured alike; docs/results.md). Near SGD's stability
+    edge (eta = 2e-2, seed 0: 12 of 16 replicas diverge) the DE, a mean equation, does not predict
+    the divergence of single runs."""
+    sgd, de, gf, times = _sgd_and_models(300, 1.5, 1e-2, 300.0, 16, seed=seed, label_noise=0.5,
+                                         engine="numba")
     late = times >= 10
     res = {}
     for name, c in (("de", de), ("gf", gf)):
@@ -300,10 +330,30 @@ def test_sgd_median_at_large_learning_rate():
         r_loss = c.values["loss"][:, 0] / sgd.median("loss")
         res[name] = (np.max(np.abs(r_mse - 1)), np.mean(np.abs(np.log(r_loss[late]))))
     print(f"\nmax |MSE/median - 1|, mean |log(loss/median)| (t >= 10): DE {res['de']}, GF {res['gf']}")
-    assert res["de"][0] < 0.04
+    assert res["de"][0] < 0.02
     assert res["gf"][0] > 2.5 * res["de"][0]
-    assert res["de"][1] < 0.12
+    assert res["de"][1] < 0.1
     assert res["gf"][1] > 3 * res["de"][1]
+
+
+@pytest.mark.slow
+def test_escape_noise_ratio_flags_where_the_de_misses_sgd():
+    """The diagnostic separates the regimes: at the paper's Fig-5 setting it is small (and the DE
+    tracks the median, test above); at d = 100, a = 1, eta = 1e-2 on an instance with a small
+    initial overlap (u(0) ~ 2e-3) the escape is noise-driven, the ratio is large, and the DE's mean
+    lags behind the SGD median by a factor ~2 in loss."""
+    fig5 = make_instance(300, 1.5, 1, seed=0)
+    c5 = sgd_de_curves(fig5.w0, fig5.lam, fig5.w_star, save_times(30.0, 10, 1e-3), 1e-3, label_noise=0.05)
+    assert c5.info["escape_noise_ratio"][0] < 0.3
+    sgd, de, gf, times = _sgd_and_models(100, 1.0, 1e-2, 100.0, 32, seed=3, label_noise=0.0, engine="numba")
+    assert de.info["escape_noise_ratio"][0] > 2.0
+    mid = (times >= 20) & (times <= 100)
+    ratio = de.values["loss"][mid, 0] / sgd.median("loss")[mid]
+    assert np.median(ratio) > 1.5
+    # NaN states (a diverged curve) give no ratio beyond the last finite record, never an error
+    states, _ = sgd_equivalent(fig5.w0, fig5.lam, fig5.w_star, np.array([0.0, 1.0]), 1e-3)
+    states[1] = np.nan
+    assert np.isfinite(escape_noise_ratio(states, fig5.lam, fig5.w_star)).all()
 
 
 # --------------------------------------------------------------------------- API and speed
@@ -407,13 +457,20 @@ def test_backend_without_numba(monkeypatch):
         DEFlow(inst.lam, inst.w_star, inst.s_star, np.array([1e-2]), 1.0, 0.0, backend="cuda")
 
 
-def test_speed_report():
-    """Prints the cost of a full d = 1000 run to t = 1e5 (not asserted: machines differ)."""
+def test_accurate_and_stable_at_paper_scale():
+    """d = 1000, a = 2, eta = 1e-2, t to 1e5 (the paper's Figure-2 horizon; timings are in
+    scripts/bench.py, not asserted here): a few hundred steps, the MSE and loss curves within 1e-4
+    of the same run at rtol = 1e-8 (the default is 1e-5), and a monotone late decay (no drift or
+    blow-up once the stiff tail dominates)."""
     inst = make_instance(1000, 2.0, 1, seed=0)
     times = save_times(1e5, 20, 1e-2)
-    for lr in (1e-2,):
-        t0, c0 = time.perf_counter(), time.process_time()
-        states, n = sgd_equivalent(inst.w0, inst.lam, inst.w_star, times, lr)
-        print(f"\nsgd_equivalent d=1000 a=2 t=1e5 lr={lr}: {time.perf_counter() - t0:.2f} s wall, "
-              f"{time.process_time() - c0:.2f} s CPU, {n} steps")
-        assert np.isfinite(states).all()
+    c = sgd_de_curves(inst.w0, inst.lam, inst.w_star, times, 1e-2)
+    ref = sgd_de_curves(inst.w0, inst.lam, inst.w_star, times, 1e-2, rtol=1e-8)
+    for k in ("mse", "loss"):
+        rel = np.abs(c.values[k][:, 0] / ref.values[k][:, 0] - 1)
+        assert rel.max() < 1e-4, (k, rel.max())
+    late = times > 100
+    assert np.all(np.diff(c.values["mse"][late, 0]) <= 0)
+    assert abs(c.values["u"][-1, 0] - 1) < 1e-3 and abs(c.values["s"][-1, 0] - 1) < 1e-3
+    _, n = sgd_equivalent(inst.w0, inst.lam, inst.w_star, times, 1e-2)
+    assert n < 1000
