@@ -61,7 +61,8 @@ def run_name(cfg: dict) -> str:
     d, o = cfg["data"], cfg["optim"]
     lr = ",".join(f"{x:g}" for x in learning_rates(o["lr"]))
     exp = f"{cfg['name']} " if cfg.get("name") else ""
-    return f"{exp}{o['algorithm']} a={d['a']:g} d={d['d']} lr={lr} B={o['batch_size']} seed={cfg['seed']}"
+    batch = f" B={o['batch_size']}" if o["algorithm"] == "sgd" else ""  # GD and GF have no batch
+    return f"{exp}{o['algorithm']} a={d['a']:g} d={d['d']} lr={lr}{batch} seed={cfg['seed']}"
 
 
 def _archive(out: Path) -> None:
@@ -136,6 +137,10 @@ def run_job(cfg: dict, out_dir, group: str | None = None, job_type: str = "train
     dtype = getattr(torch, cfg["dtype"])
     n_steps = int(math.ceil(cfg["train"]["time"] / lrs.min() - 1e-9))
     steps = record.save_steps(n_steps, cfg["train"]["log_per_decade"])
+    # every learning rate records its own last step before the horizon, so that all of them end at
+    # t_end (the grid is shared: step k is time k * lr for each lr)
+    ends = np.floor(cfg["train"]["time"] / lrs + 1e-9).astype(np.int64)
+    steps = np.union1d(steps, ends[(ends > 0) & (ends <= n_steps)])
 
     ckpt_path = out / "checkpoint.pt"
     state = None
@@ -147,6 +152,7 @@ def run_job(cfg: dict, out_dir, group: str | None = None, job_type: str = "train
                                "delete it to restart this run from scratch") from None
         if ck.get("identity") == ident:
             state = SimState.from_dict(ck["state"], dev, dtype)
+            t_start -= float(ck.get("elapsed", 0.0))  # wall_time counts the earlier attempts too
             log.info("resuming from step %d of %d (%s)", state.step, n_steps, ckpt_path)
     if state is not None and (out / "instance.npz").exists():
         instance = Instance.load(out / "instance.npz")
@@ -188,7 +194,7 @@ def _run(cfg, out, instance, state, lrs, algorithm, n_steps, steps, dev, dtype, 
 
     def save_checkpoint(st: SimState) -> None:
         buf = io.BytesIO()
-        torch.save({"identity": ident, "state": st.to_dict()}, buf)
+        torch.save({"identity": ident, "state": st.to_dict(), "elapsed": time.perf_counter() - t_start}, buf)
         record._atomic_write(ckpt_path, lambda f: f.write(buf.getvalue()))
         _write_metrics(out, st, lrs, algorithm, cfg["train"]["time"])
         last_ckpt["t"] = time.monotonic()
@@ -234,7 +240,7 @@ def _run(cfg, out, instance, state, lrs, algorithm, n_steps, steps, dev, dtype, 
     theory = compute_theory(cfg, instance, measured, lrs)
     record.atomic_write_csv(out / "theory.csv", (r for c in theory for r in c.rows({"model": c.model})),
                             THEORY_FIELDS)
-    report = measure(cfg, instance, measured, theory)
+    report = measure(cfg, instance, measured, theory, lrs)
     summary.update(
         status="diverged" if res.diverged else "ok",
         engine=res.engine,
@@ -247,7 +253,7 @@ def _run(cfg, out, instance, state, lrs, algorithm, n_steps, steps, dev, dtype, 
         diverged=res.diverged,
         **report,
     )
-    checks = theory_checks(theory)
+    checks = theory_checks(theory, measured, lrs, instance, cfg["optim"]["algorithm"])
     if checks:
         summary["theory_checks"] = checks
     if cfg["dtype"] == "float32" and np.nanmin(measured.values["mse"]) < 1e-7:
@@ -295,7 +301,7 @@ def compute_theory(cfg: dict, instance: Instance, measured: record.Curves, lrs) 
 
         gf = gf_curves(inits, instance.lam, instance.w_star, times, rtol=th["rtol"])
         out.append(gf)
-        p3 = phase3_prediction(gf, instance, times, 1 - cfg["measure"]["eps"], th["rtol"])
+        p3 = phase3_prediction(gf, inits[0], instance, times, 1 - cfg["measure"]["eps"], th["rtol"])
         if p3 is not None:
             out.append(p3)
     if th["sgd_de"] and cfg["optim"]["algorithm"] == "sgd":
@@ -313,61 +319,133 @@ def compute_theory(cfg: dict, instance: Instance, measured: record.Curves, lrs) 
     return out
 
 
-def theory_checks(theory: list) -> dict:
+def theory_checks(theory: list, measured: record.Curves | None = None, lrs=None,
+                  instance: Instance | None = None, algorithm: str = "sgd") -> dict:
     """Range-of-validity diagnostics of the theory curves (``summary.json`` ``theory_checks``).
 
-    ``sgd_de``: :func:`prtorch.theory.sgd_equivalent.escape_noise_ratio` per curve; above
-    ``NOISE_RATIO_WARN`` the escape is noise-driven, the DE (a mean) no longer describes single
-    runs, and the run warns."""
+    ``sgd_de`` (one value per DE curve, i.e. per init x learning rate):
+
+    * ``escape_noise_ratio`` (:func:`prtorch.theory.sgd_equivalent.escape_noise_ratio`): above
+      ``threshold`` the escape is noise-driven and the DE (a mean) no longer describes single runs;
+    * ``diverged``: the DE's second moment blew up (its curve is NaN from then on);
+    * ``lr`` and ``gd_stability_edge`` (:func:`prtorch.theory.phases.gd_stability_edge`, ``1/rho``):
+      past the edge GD and SGD cannot converge, while the DE, an ODE, does not see it;
+    * ``runs_diverged``: the fraction of the measured replicas at that learning rate that diverged
+      (the DE, a mean over runs, predicts none of it).
+
+    ``reliable`` is False, with a ``warning`` logged, if any of these says the DE is off.
+    """
     out = {}
     for c in theory:
-        ratio = c.info.get("escape_noise_ratio")
-        if ratio is None or len(ratio) == 0:
+        if c.model != "sgd_de":
             continue
+        from prtorch.theory.phases import gd_stability_edge
+        from prtorch.theory.measure import finite_curves
         from prtorch.theory.sgd_equivalent import NOISE_RATIO_WARN
 
-        worst = float(np.nanmax(ratio))
+        ratio = np.asarray(c.info.get("escape_noise_ratio", np.full(c.n_curves, np.nan)), dtype=float)
+        lr_col = np.asarray(c.columns.get("lr", np.full(c.n_curves, np.nan)), dtype=float)
+        de_div = ~finite_curves(c)
         entry = {"escape_noise_ratio": [float(r) for r in ratio], "threshold": NOISE_RATIO_WARN,
-                 "reliable": bool(worst <= NOISE_RATIO_WARN)}
-        if not entry["reliable"]:
-            entry["warning"] = (f"{c.model}: escape noise ratio {worst:.2g} > {NOISE_RATIO_WARN}: the escape "
-                                "is noise-driven and the SGD deterministic equivalent (a mean) may be far "
-                                "from single runs; compare with the measured median")
+                 "diverged": [bool(x) for x in de_div], "lr": [float(x) for x in lr_col]}
+        problems = []
+        worst = float(np.nanmax(ratio)) if np.isfinite(ratio).any() else float("nan")
+        if np.isfinite(worst) and worst > NOISE_RATIO_WARN:
+            problems.append(f"escape noise ratio {worst:.2g} > {NOISE_RATIO_WARN}: the escape is noise-driven "
+                            "and the DE (a mean) may be far from single runs")
+        if de_div.any():
+            problems.append(f"the DE diverged at lr = {sorted(set(lr_col[de_div].tolist()))}")
+        if instance is not None:
+            try:
+                edge = gd_stability_edge(instance.lam, instance.w_star)
+            except ValueError:
+                edge = float("nan")
+            entry["gd_stability_edge"] = float(edge)
+            past = lr_col > edge
+            if past.any():
+                problems.append(f"lr = {sorted(set(lr_col[past].tolist()))} is past the GD stability edge "
+                                f"{edge:.3g} (1/rho), which the DE does not see")
+        if measured is not None and "lr" in measured.columns:
+            run_div = ~finite_curves(measured)
+            frac = {}
+            for lr in np.unique(lr_col[np.isfinite(lr_col)]):
+                sel = np.isclose(measured.columns["lr"], lr, rtol=1e-12, atol=0)
+                if sel.any():
+                    frac[float(lr)] = float(run_div[sel].mean())
+            entry["runs_diverged"] = [frac.get(float(x), float("nan")) for x in lr_col]
+            bad = [lr for lr, f in frac.items() if f > 0 and not de_div[np.isclose(lr_col, lr)].all()]
+            if bad:
+                problems.append(f"measured runs diverged at lr = {sorted(bad)}; the DE (a mean) predicts no "
+                                "divergence there")
+        entry["reliable"] = not problems
+        if problems:
+            entry["warning"] = f"{c.model}: " + "; ".join(problems) + "; compare with the measured median"
             log.warning(entry["warning"])
         out[c.model] = entry
     return out
 
 
-def phase3_prediction(gf: record.Curves, instance: Instance, times, u_level: float, rtol: float):
-    """The paper's Phase-III curve ``MSE(T2) S(tau)`` from the GF state at ``T2`` (``|u| = u_level``)."""
+def phase3_prediction(gf: record.Curves, w0: np.ndarray, instance: Instance, times, u_level: float,
+                      rtol: float):
+    """The paper's Phase-III curve ``MSE(T2) S(tau)`` from the GF state at ``T2`` (``|u|/s* = u_level``)
+    of GF curve 0, which starts from ``w0``."""
     from prtorch.theory.gradient_flow import gradient_flow
     from prtorch.theory.measure import crossing_time
     from prtorch.theory.phases import phase3_curves
 
-    t2 = crossing_time(gf.time[:, 0], np.abs(gf.values["u"][:, 0]), u_level, "up")
+    s_star = float(np.sum(instance.lam * instance.w_star**2))
+    t2 = crossing_time(gf.time[:, 0], np.abs(gf.values["u"][:, 0]) / s_star, u_level, "up")
     if not np.isfinite(t2) or t2 <= 0 or t2 >= times[-1]:
         return None
-    w0 = np.unique(instance.w0, axis=0)[0]
     w_t2 = gradient_flow(w0, instance.lam, instance.w_star, np.array([0.0, t2]), rtol=rtol)[0][-1, 0]
     taus = np.concatenate([[0.0], times[times > t2] - t2])
     return phase3_curves(taus, w_t2, instance.lam, instance.w_star, t2=t2)
 
 
-def measure(cfg: dict, instance: Instance, measured: record.Curves, theory: list) -> dict:
-    """Measured-vs-predicted phases and exponents (``phases`` and ``exponents`` sections)."""
-    try:
-        from prtorch.theory.measure import phase_report
-    except ImportError:
-        return {}
+def measure(cfg: dict, instance: Instance, measured: record.Curves, theory: list, lrs=None) -> dict:
+    """Measured-vs-predicted phases and exponents (``phases`` and ``exponents`` sections).
+
+    One learning rate: the report of :func:`prtorch.theory.measure.phase_report` on all replicas.
+    Several: the top-level sections are those of the first learning rate (``settings.lr``) and
+    ``per_lr`` holds one report per learning rate, each on its own replicas and its own DE curves,
+    with that learning rate's ``final`` and ``final_theory``."""
+    from prtorch.theory.measure import phase_report
+
     m = cfg["measure"]
-    return phase_report(measured, {c.model: c for c in theory if c.model != "phase3"}, instance.lam, instance.w_star,
-                        instance.w0, a=float(cfg["data"]["a"]), delta=m["delta"], eps=m["eps"],
-                        n_boot=m["bootstrap"], seed=cfg["seed"])
+    lrs = np.atleast_1d(np.asarray(lrs if lrs is not None else cfg["optim"]["lr"], dtype=float))
+    kw = dict(a=float(cfg["data"]["a"]), delta=m["delta"], eps=m["eps"], n_boot=m["bootstrap"], seed=cfg["seed"])
+    models = [c for c in theory if c.model != "phase3"]
+    if len(lrs) == 1 or "lr" not in measured.columns:
+        return phase_report(measured, {c.model: c for c in models}, instance.lam, instance.w_star,
+                            instance.w0, **kw)
+    per_lr = []
+    for lr in lrs:
+        mask = np.isclose(measured.columns["lr"], lr, rtol=1e-12, atol=0)
+        pred = {}
+        for c in models:
+            pred[c.model] = _at_lr(c, lr)
+        rep = phase_report(measured, pred, instance.lam, instance.w_star, instance.w0, mask=mask, **kw)
+        rep["settings"]["lr"] = float(lr)
+        rep["final"] = _final(_at_lr(measured, lr))
+        rep["final_theory"] = {c.model: _final(_at_lr(c, lr)) for c in theory}
+        per_lr.append(rep)
+    first = {k: v for k, v in per_lr[0].items() if k not in ("final", "final_theory")}
+    return {**first, "per_lr": per_lr}
+
+
+def _at_lr(c: record.Curves, lr: float) -> record.Curves:
+    """The curves of ``c`` at learning rate ``lr`` (all of them if ``c`` has no ``lr`` column)."""
+    if "lr" not in c.columns:
+        return c
+    sel = np.isclose(np.asarray(c.columns["lr"], dtype=float), lr, rtol=1e-12, atol=0)
+    return record.Curves(c.model, c.time[:, sel], {k: v[:, sel] for k, v in c.values.items()},
+                         {k: np.asarray(v)[sel] for k, v in c.columns.items()},
+                         {k: np.asarray(v)[sel] for k, v in c.info.items()})
 
 
 def _final(c: record.Curves) -> dict:
     """Median over curves of each metric at the curve's last record time (diverged curves,
-    NaN there, are left out)."""
+    NaN there, are left out; ``u`` as ``|u|``, the sign being a symmetry of the problem)."""
     out = {}
     for k, v in c.values.items():
         last = []
@@ -375,6 +453,8 @@ def _final(c: record.Curves) -> dict:
             f = np.flatnonzero(np.isfinite(c.time[:, r]))
             if len(f) and np.isfinite(v[f[-1], r]):
                 last.append(v[f[-1], r])
+        if k == "u":  # replicas end at +w* or -w* alike: report the alignment |u|
+            last = [abs(x) for x in last]
         out[k] = float(np.median(last)) if last else float("nan")
     return out
 

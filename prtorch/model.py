@@ -11,6 +11,7 @@ tensors or numpy arrays alike, so engines and theory share one implementation.
 """
 from __future__ import annotations
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -38,11 +39,14 @@ def population_grad(w, lam, w_star, s_star):
 
 
 def param_mse(w, w_star):
-    """``(1/d) min(||w - w*||^2, ||w + w*||^2) = (||w||^2 + ||w*||^2 - 2 |<w, w*>|) / d``."""
+    """``(1/d) min(||w - w*||^2, ||w + w*||^2)``, summed as squares (``>= 0``, no cancellation near
+    the optimum, unlike ``||w||^2 + ||w*||^2 - 2 |<w, w*>|``). Torch tensors or numpy arrays."""
     d = w.shape[-1]
-    ww = (w * w).sum(-1)
-    wv = (w * w_star).sum(-1)
-    return (ww + (w_star * w_star).sum(-1) - 2 * abs(wv)) / d
+    minus = ((w - w_star) ** 2).sum(-1)
+    plus = ((w + w_star) ** 2).sum(-1)
+    if isinstance(minus, torch.Tensor):
+        return torch.minimum(minus, plus) / d
+    return np.minimum(minus, plus) / d
 
 
 def stable_loss(w, lam, w_star, s_star):

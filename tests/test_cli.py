@@ -1,6 +1,7 @@
 """The real CLI: a short run writes every file with the right contents; a two-job multirun;
 divergence is recorded; finished work is skipped."""
 import json
+import math
 import os
 import subprocess
 import sys
@@ -85,3 +86,28 @@ def test_divergence_is_recorded_and_others_go_on(tmp_path):
     ok = m["lr"] == 0.005
     assert m["time"][ok].max() == pytest.approx(20.0)  # the healthy replicas ran to the end
     assert s["final"]["mse"] < 0.5
+    # phases per learning rate: the diverged replicas are left out, not measured on their blow-up
+    assert [r["settings"]["lr"] for r in s["per_lr"]] == [0.005, 2.0]
+    healthy, dead = s["per_lr"]
+    assert s["phases"] == healthy["phases"] and healthy["settings"]["n_diverged"] == 0
+    assert dead["settings"]["n_diverged"] == 2 and dead["phases"]["T2"]["measured"]["n"] == 0
+    assert healthy["phases"]["T1"]["measured"]["n"] == 2 and math.isnan(dead["final"]["mse"])
+    assert healthy["final"]["mse"] == pytest.approx(s["final"]["mse"])
+    # the SGD equivalent is flagged at lr = 2: past the GD edge, and the runs diverged there
+    chk = s["theory_checks"]["sgd_de"]
+    assert chk["lr"] == [0.005, 2.0] and chk["gd_stability_edge"] < 2.0
+    assert chk["runs_diverged"] == [0.0, 1.0] and chk["reliable"] is False and "2.0" in chk["warning"]
+
+
+def test_every_learning_rate_records_the_horizon(tmp_path):
+    """With a list of learning rates each one records its last step before ``train.time`` (the shared
+    log grid alone would leave the larger ones ending early), and ``per_lr`` finals are at that time."""
+    cli(tmp_path, "data.d=20", "train.time=10", "replicas=2", "optim.lr=[0.003,0.007,0.011]", "logger=none",
+        "theory.sgd_de=false", "hydra.run.dir=" + str(tmp_path / "lrs"))
+    m = read_csv(tmp_path / "lrs" / "metrics.csv")
+    for lr in (0.003, 0.007, 0.011):
+        t_last = m["time"][m["lr"] == lr].max()
+        assert 10.0 - lr < t_last <= 10.0 + 1e-9, (lr, t_last)
+    s = json.loads((tmp_path / "lrs" / "summary.json").read_text())
+    assert [r["settings"]["lr"] for r in s["per_lr"]] == [0.003, 0.007, 0.011]
+    assert all(r["settings"]["n_curves"] == 2 for r in s["per_lr"])

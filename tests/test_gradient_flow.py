@@ -7,7 +7,7 @@ import pytest
 from prtorch.model import metrics, population_grad
 from prtorch.problem import make_instance
 from prtorch.record import save_times
-from prtorch.theory.gradient_flow import gradient_flow
+from prtorch.theory.gradient_flow import gf_curves, gradient_flow
 
 
 def gd_numpy(w0, lam, ws, eta, times):
@@ -70,3 +70,16 @@ def test_gf_batched_inits_equal_single():
     # each trajectory is integrated to the same tolerance (steps are shared across the batch)
     assert np.abs(batched[:, 2] - single[:, 0]).max() < 1e-4
     assert np.abs(batched[:, 0] - single[:, 0]).max() > 1e-2  # and the inits really differ
+
+
+@pytest.mark.parametrize("times,msg", [([0.0, 5.0, 1.0, 2.0], "increasing"), ([1.0, 2.0, 5.0], "start at 0"),
+                                       ([0.0, -1.0], "increasing"), ([0.0, np.nan, 1.0], "finite"),
+                                       ([0.0, 0.0, 1.0], "increasing")])
+def test_integrators_reject_bad_times(times, msg):
+    from prtorch.theory.sgd_equivalent import sgd_de_curves
+
+    inst = make_instance(20, 1.5, 1, seed=0)
+    with pytest.raises(ValueError, match=msg):
+        gf_curves(inst.w0[0], inst.lam, inst.w_star, times)
+    with pytest.raises(ValueError, match=msg):
+        sgd_de_curves(inst.w0[0], inst.lam, inst.w_star, times, 1e-3)

@@ -216,3 +216,66 @@ def test_phase_report_on_gf_agrees_with_theory():
     # 1 - u: the quasi-static prediction over the same window matches the measured exponent
     assert ex["one_minus_u"]["measured"]["value"] == pytest.approx(ex["one_minus_u"]["predicted_window"], abs=0.05)
     assert ex["rho"]["second_root"] < ex["rho"]["predicted"]
+
+
+# ---------------------------------------------------------------- bad input and diverged curves
+
+def test_measure_rejects_bad_input_and_zero_signals():
+    t = np.logspace(-2, 2, 20)
+    with pytest.raises(ValueError, match="direction"):
+        M.crossing_time(t, t, 0.5, direction="dwn")
+    with pytest.raises(ValueError, match="increasing"):
+        M.crossing_time(t[::-1], t, 0.5)
+    # a signal that is zero throughout has no growth rate (it used to return 1/t_end)
+    assert math.isnan(M.fit_growth_rate(np.linspace(0, 1, 10), np.zeros(10), 1.0))
+    # n_boot = 0: the median without an interval; one value: the interval collapses
+    b = M.bootstrap_median([1.0, 2.0, 3.0], n_boot=0)
+    assert b["value"] == 2.0 and b["n"] == 3 and math.isnan(b["ci_low"]) and math.isnan(b["ci_high"])
+
+
+def test_phase_report_leaves_out_diverged_curves_and_a_le_1_predictions():
+    """A replica that blows up passes |u| = 1 - eps on its way to NaN: that is no T2. It is left out
+    of every measurement (settings.n_diverged) while the healthy replicas are measured as before."""
+    lam = power_law_spectrum(50, 1.5)
+    ws = np.ones(50) / np.sqrt(np.sum(lam))  # s* = 1
+    t = np.concatenate([[0.0], np.logspace(-2, 2, 60)])
+    good = np.clip(0.01 * np.exp(4 * t), 0, 1.0 - 0.5 / (1 + t))   # escapes, then 1 - u ~ 1/t
+    bad = 0.01 * np.exp(30 * np.minimum(t, 1.0))
+    bad[t > 0.3] = np.nan                                            # blew up at t = 0.3
+    u = np.stack([good, good, bad], 1)
+    s = u**2
+    c = _curves(t, u=u, s=s, mse=1 - u + 1e-3, loss=(1 - u) ** 2 + 1e-6)
+    rep = M.phase_report(c, None, lam, ws, a=1.5, n_boot=200)
+    alone = M.phase_report(Curves("x", c.time[:, :2], {k: v[:, :2] for k, v in c.values.items()}),
+                           None, lam, ws, a=1.5, n_boot=200)
+    assert rep["settings"]["n_diverged"] == 1 and alone["settings"]["n_diverged"] == 0
+    for k in ("T1", "T1_prime", "T2"):
+        assert rep["phases"][k]["measured"]["n"] == 2
+        assert rep["phases"][k]["measured"]["value"] == alone["phases"][k]["measured"]["value"]
+    assert rep["phases"]["T2"]["measured"]["value"] > 1.0  # the blow-up would have given T2 < 0.3
+    # a <= 1: the tail laws do not apply, so no predicted tail exponents (they were negative or 0)
+    for a in (0.5, 1.0):
+        r = M.phase_report(c, None, power_law_spectrum(50, a), ws, a=a, n_boot=0)
+        for k in ("mse_tail_drop", "one_minus_u", "loss_tail", "tail_mass"):
+            assert math.isnan(r["exponents"][k]["predicted"]), (a, k)
+        assert r["exponents"]["one_minus_u"]["candidates"] == {}
+
+
+def test_phase3_prediction_starts_at_gf_t2_of_curve_0_for_any_target_scale():
+    """``job.phase3_prediction`` starts at the T2 of GF curve 0 (``|u|/s* = 1 - eps``, also when
+    ``s* != 1``) from the GF state of that curve's own init (per-replica inits differ)."""
+    from prtorch.job import phase3_prediction
+    from prtorch.record import save_times
+    from prtorch.theory.gradient_flow import gf_curves
+
+    inst = make_instance(60, 1.5, 3, seed=1, target="sqrt_d", per_replica_init=True)
+    s_star = float(np.sum(inst.lam * inst.w_star**2))
+    assert abs(s_star - 1) > 0.2
+    times = save_times(300.0, 20, 1e-3)
+    gf = gf_curves(inst.w0[1:], inst.lam, inst.w_star, times)  # curve 0 starts from replica 1
+    p3 = phase3_prediction(gf, inst.w0[1], inst, times, 0.9, 1e-5)
+    assert p3 is not None
+    t2 = M.crossing_time(times, np.abs(gf.values["u"][:, 0]) / s_star, 0.9)
+    assert p3.time[0, 0] == pytest.approx(t2, rel=1e-12)
+    mse_gf_t2 = M._value_at(times, gf.values["mse"][:, 0], t2)
+    assert p3.values["mse"][0, 0] == pytest.approx(mse_gf_t2, rel=1e-3)

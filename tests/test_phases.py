@@ -265,3 +265,47 @@ def test_exponent_helpers():
     tau = np.array([30.0, 300.0])
     exact = 4 * np.exp(-16 * np.multiply.outer(tau, lam)) @ lam
     np.testing.assert_allclose(P.phase3_loss_asymptotic(tau, a, d), exact, rtol=0.05)
+
+
+def test_gd_stability_edge_is_one_over_rho_and_separates_gd_convergence():
+    """2 / lambda_max of the Hessian at w* equals 1/rho; population GD started next to w* converges
+    just below the edge and does not just above it."""
+    inst = make_instance(50, 1.5, 1, seed=0)
+    lam, ws = inst.lam, inst.w_star
+    ss = float(lam @ ws**2)
+    H = 8 * ss * np.diag(lam) + 16 * np.outer(lam * ws, lam * ws)
+    edge = P.gd_stability_edge(lam, ws)
+    assert edge == pytest.approx(2 / np.linalg.eigvalsh(H).max(), rel=1e-10)
+
+    def gd_dist(lr, steps=4000):
+        w = ws + 1e-3 * np.random.default_rng(0).standard_normal(50)
+        for _ in range(steps):
+            s, u = lam @ w**2, lam @ (w * ws)
+            w = w - lr * lam * ((12 * s - 4 * ss) * w - 8 * u * ws)
+            if not np.all(np.isfinite(w)) or np.abs(w).max() > 1e6:
+                return np.inf
+        return float(np.linalg.norm(w - ws))
+
+    start = 1e-3 * np.sqrt(50)
+    assert gd_dist(0.95 * edge) < 1e-3 * start   # contracts (the slow tail modes set the pace)
+    assert gd_dist(1.05 * edge) > 10 * start     # the top mode flips and grows: a 2-cycle or worse
+
+
+def test_phase_functions_reject_bad_arguments():
+    inst = make_instance(50, 1.5, 1, seed=0)
+    lam, ws, w0 = inst.lam, inst.w_star, inst.w0[0]
+    assert P.escape_time(0.1, np.zeros(50), lam, ws) == np.inf  # u(0) = 0: GF never escapes
+    with pytest.raises(ValueError, match="delta"):
+        P.escape_time(-0.1, w0, lam, ws)
+    for eps in (0.0, -0.1, 1.0):
+        with pytest.raises(ValueError, match="eps"):
+            P.predicted_t2(eps, w0, lam, ws, 1.0)
+        with pytest.raises(ValueError, match="eps"):
+            P.t2_bound(eps, w0, lam, ws, 1.0)
+    for f in (lambda: P.phase3_loss_asymptotic(1.0, 1.0, 100), lambda: P.one_minus_u_exponents(0.0),
+              lambda: P.mse_drop_exponent(1.0), lambda: P.tail_mass_exponent(0.5),
+              lambda: P.uniform_S_middle(1.0, 100, 1.0)):
+        with pytest.raises(ValueError, match="a > 1"):
+            f()
+    with pytest.raises(ValueError, match="tau"):
+        P.uniform_S([-1.0], 100, 1.5)

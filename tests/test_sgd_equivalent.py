@@ -350,10 +350,15 @@ def test_escape_noise_ratio_flags_where_the_de_misses_sgd():
     mid = (times >= 20) & (times <= 100)
     ratio = de.values["loss"][mid, 0] / sgd.median("loss")[mid]
     assert np.median(ratio) > 1.5
-    # NaN states (a diverged curve) give no ratio beyond the last finite record, never an error
-    states, _ = sgd_equivalent(fig5.w0, fig5.lam, fig5.w_star, np.array([0.0, 1.0]), 1e-3)
+    # NaN states (a diverged curve): the ratio of the finite records before, never an error; a
+    # curve with nothing finite after t = 0 has no ratio (NaN, not the 0 of its deterministic start)
+    states, _ = sgd_equivalent(fig5.w0, fig5.lam, fig5.w_star, np.array([0.0, 0.1, 0.2]), 1e-3)
+    r = escape_noise_ratio(states, fig5.lam, fig5.w_star)[0]
+    states[2] = np.nan
+    r_part = escape_noise_ratio(states, fig5.lam, fig5.w_star)[0]
+    assert 0 < r_part <= r  # the max over the records before t = 0.2
     states[1] = np.nan
-    assert np.isfinite(escape_noise_ratio(states, fig5.lam, fig5.w_star)).all()
+    assert np.isnan(escape_noise_ratio(states, fig5.lam, fig5.w_star)).all()
 
 
 # --------------------------------------------------------------------------- API and speed

@@ -98,3 +98,11 @@ def test_sigterm_checkpoints_and_resumes(tmp_path):
     s = json.loads((a / "summary.json").read_text())
     assert s["status"] == "interrupted"
     assert (a / "checkpoint.pt").exists() and (a / "metrics.csv").exists()
+    # the checkpoint carries the time spent so far; the resumed run's wall_time includes it
+    import torch
+
+    elapsed = torch.load(a / "checkpoint.pt", map_location="cpu", weights_only=False)["elapsed"]
+    assert elapsed > 1.0
+    _start(a, ["train.checkpoint_every=1000"]).communicate(timeout=600)
+    s = json.loads((a / "summary.json").read_text())
+    assert s["status"] == "ok" and s["wall_time"] > elapsed

@@ -25,7 +25,7 @@ import numpy as np
 
 from prtorch.model import metrics
 from prtorch.record import Curves
-from prtorch.theory.integrate import integrate, load_kernels, phi1, phi2
+from prtorch.theory.integrate import check_times, integrate, load_kernels, phi1, phi2
 
 
 def gf_flow(w, c, h, lam, w_star, s_star, c0=None):
@@ -107,7 +107,8 @@ def gradient_flow(w0, lam, w_star, times, rtol: float = 1e-5, atol: float = 1e-6
         e_q = np.sqrt((diff * diff) @ lam) / (np.sqrt((dist * dist) @ lam) + a_q)
         return np.maximum(e_w, e_q)
 
-    return integrate(w0, np.asarray(times, dtype=np.float64), flow.scalars, flow, error_norm,
+    times = check_times(times)
+    return integrate(w0, times, flow.scalars, flow, error_norm,
                      rtol=rtol, h0=min(1e-3, float(times[1]) if len(times) > 1 else 1e-3), order=2)
 
 

@@ -129,6 +129,21 @@ def solve_scalars(y, h, c, scalars, flow, J=None, tol=1e-13, max_iter=20):
         return yk, c, J, size_rows <= tol
 
 
+def check_times(times, start_at_zero: bool = True) -> np.ndarray:
+    """``times`` as a float64 vector, or a one-line ValueError: 1-D, finite, strictly increasing and
+    (``start_at_zero``) starting at ``t = 0``, the time of the initial state."""
+    t = np.asarray(times, dtype=np.float64)
+    if t.ndim != 1 or t.size == 0:
+        raise ValueError(f"times must be a non-empty 1-D array, got shape {t.shape}")
+    if not np.all(np.isfinite(t)):
+        raise ValueError("times must be finite")
+    if start_at_zero and t[0] != 0.0:
+        raise ValueError(f"times must start at 0 (the initial state), got times[0] = {t[0]:g}")
+    if np.any(np.diff(t) <= 0):
+        raise ValueError("times must be strictly increasing")
+    return t
+
+
 def integrate(
     y0: np.ndarray,
     times: np.ndarray,
@@ -157,6 +172,7 @@ def integrate(
 
     Returns (states array ``(len(times),) + y0.shape``, number of accepted steps).
     """
+    times = check_times(times, start_at_zero=False)
     y = np.array(y0, dtype=np.float64)
     N = y.shape[0]
     out = np.empty((len(times),) + y.shape)

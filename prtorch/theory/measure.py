@@ -2,7 +2,8 @@
 
 Works on any :class:`~prtorch.record.Curves` (SGD replicas, GD, GF, theory curves): every curve
 (column) is measured on its own, NaN where a phase is never reached; a summary is the median over
-curves with a bootstrap confidence interval (resampling curves, fixed seed).
+curves with a bootstrap confidence interval (resampling curves, fixed seed). A curve that diverged
+(NaN from some record on) is left out of every measurement (``settings.n_diverged`` counts them).
 
 **Phase times** (:func:`detect_phase_times`), with ``s*`` the target's ``w*^T Q w*``:
 
@@ -73,11 +74,15 @@ def crossing_time(t, y, level: float, direction: str = "up", last: bool = False)
     the condition already holds there (and, for ``last``, throughout); NaN if never reached.
     Non-finite records are skipped.
     """
+    if direction not in ("up", "down"):
+        raise ValueError(f"direction={direction!r}: expected 'up' or 'down'")
     t, y = np.asarray(t, dtype=float), np.asarray(y, dtype=float)
     ok = np.isfinite(t) & np.isfinite(y)
     t, y = t[ok], y[ok]
     if t.size == 0:
         return float("nan")
+    if np.any(np.diff(t) < 0):
+        raise ValueError("crossing_time needs times in increasing order")
     hit = y >= level if direction == "up" else y <= level
     if last:
         if not hit[-1]:
@@ -217,7 +222,7 @@ def fit_growth_rate(t, u, t_end: float, min_points: int = 4, min_growth: float =
     if t.size < min_points or not np.isfinite(t_end) or t_end <= 0:
         return float("nan")
     y = u * (np.sign(u[-1]) or 1.0)
-    if not y[-1] >= min_growth * abs(y[0]):
+    if not (y[-1] > 0 and y[-1] >= min_growth * abs(y[0])):
         return float("nan")  # Phase I too short to see the exponential (|u(0)| already ~ delta)
     half = (t >= t[-1] / 2) & (y > 0)
     if half.sum() >= 2:
@@ -264,7 +269,8 @@ def bootstrap_median(values, n_boot: int = 2000, level: float = 0.95, seed: int 
     """Median over curves with a percentile bootstrap CI (resample curves with replacement).
 
     Returns ``{"value", "ci_low", "ci_high", "n"}`` (plain floats/int); NaNs are dropped first; with
-    one curve the interval collapses to the value, with none everything is NaN.
+    one curve the interval collapses to the value, with none everything is NaN; ``n_boot = 0`` gives
+    the median with a NaN interval (no bootstrap).
     """
     v = np.asarray(values, dtype=float)
     v = v[np.isfinite(v)]
@@ -273,6 +279,8 @@ def bootstrap_median(values, n_boot: int = 2000, level: float = 0.95, seed: int 
     med = float(np.median(v))
     if v.size == 1:
         return {"value": med, "ci_low": med, "ci_high": med, "n": 1}
+    if int(n_boot) < 1:
+        return {"value": med, "ci_low": float("nan"), "ci_high": float("nan"), "n": int(v.size)}
     rng = np.random.default_rng(seed)
     meds = np.median(v[rng.integers(0, v.size, size=(n_boot, v.size))], axis=1)
     lo, hi = np.quantile(meds, [(1 - level) / 2, (1 + level) / 2])
@@ -290,6 +298,27 @@ def _median(x) -> float:
     x = np.asarray(x, dtype=float)
     x = x[np.isfinite(x)]
     return float(np.median(x)) if x.size else float("nan")
+
+
+def finite_curves(c: Curves) -> np.ndarray:
+    """``(R,)`` bool: curves whose metrics are finite wherever they have a record time (a diverged
+    replica or a blown-up theory curve is NaN from its divergence on)."""
+    ok = np.ones(c.n_curves, dtype=bool)
+    has_t = np.isfinite(c.time)
+    for v in c.values.values():
+        ok &= ~np.any(has_t & ~np.isfinite(v), axis=0)
+    return ok
+
+
+def _drop_diverged(c: Curves) -> Curves:
+    """``c`` with each diverged curve (see :func:`finite_curves`) blanked to NaN: its records up to the
+    blow-up are not a trajectory of the dynamics being measured (``|u|`` passes ``1 - eps`` on the way
+    up), so it counts as not measured rather than as an early phase time."""
+    ok = finite_curves(c)
+    if ok.all():
+        return c
+    return Curves(c.model, np.where(ok[None, :], c.time, np.nan),
+                  {k: np.where(ok[None, :], v, np.nan) for k, v in c.values.items()}, c.columns, c.info)
 
 
 def _measure_all(c: Curves, lam, s_star, delta, eps, s_level, n_lo, n_hi, floor, s_lin=S_LIN):
@@ -355,10 +384,12 @@ def phase_report(measured: Curves, predicted: dict | None = None, lam=None, w_st
         W0 = np.unique(W0, axis=0)[:max_inits]
     boot = dict(n_boot=n_boot, level=level, seed=seed)
 
-    times, ex = _measure_all(measured, lam, s_star, delta, eps, s_level, n_lo, n_hi, floor, s_lin)
+    n_diverged = int((~finite_curves(measured)).sum())
+    times, ex = _measure_all(_drop_diverged(measured), lam, s_star, delta, eps, s_level, n_lo, n_hi, floor,
+                             s_lin)
     models = {}
     for name, c in (predicted or {}).items():
-        models[name] = _measure_all(c, lam, s_star, delta, eps, s_level, n_lo, n_hi, floor, s_lin)
+        models[name] = _measure_all(_drop_diverged(c), lam, s_star, delta, eps, s_level, n_lo, n_hi, floor, s_lin)
 
     def per_init(fn):
         if W0 is None:
@@ -401,12 +432,13 @@ def phase_report(measured: Curves, predicted: dict | None = None, lam=None, w_st
 
     # ---- exponents
     win = {r: mode_window(lam, r * s_star, n_lo, n_hi) for r in (8.0, 16.0)}
-    cands = P.one_minus_u_exponents(a) if a > 0 else {}
+    tail = a > 1  # the tail laws need a summable spectrum; a <= 1: no prediction (NaN)
+    cands = P.one_minus_u_exponents(a) if tail else {}
     exps = {
         "rho": entry(ex["rho"], rho, "phases.growth_rate: root > 4 s* lambda_1 of the secular equation",
                      f"fit u = C e^(rho t) + b on t <= min(T1, s/s* = {s_lin}) (delta = {delta})",
                      "rho", "exp"),
-        "mse_tail_drop": entry(ex["mse_tail_drop"], P.mse_drop_exponent(a) if a > 0 else float("nan"),
+        "mse_tail_drop": entry(ex["mse_tail_drop"], P.mse_drop_exponent(a) if tail else float("nan"),
                                "1/a (middle regime of S_d)",
                                "slope of 1 - MSE(T2+tau)/MSE(T2) vs tau = t - T2, tau in "
                                f"[{win[16.0][0]:.3g}, {win[16.0][1]:.3g}] (modes {n_lo}..n_hi at rate 16)",
@@ -416,7 +448,7 @@ def phase_report(measured: Curves, predicted: dict | None = None, lam=None, w_st
                              "decay exponent of 1 - |u|/s* vs tau = t - T1', tau in "
                              f"[{win[8.0][0]:.3g}, {win[8.0][1]:.3g}] (modes {n_lo}..n_hi at rate 8)",
                              "one_minus_u", "exp"),
-        "loss_tail": entry(ex["loss_tail"], P.loss_tail_exponent(a) if a > 0 else float("nan"),
+        "loss_tail": entry(ex["loss_tail"], P.loss_tail_exponent(a) if tail else float("nan"),
                            "1 - 1/a (leading term 4 s* q of phases.phase3_loss)",
                            "decay exponent of L vs tau = t - T2, tau in "
                            f"[{win[16.0][0]:.3g}, {win[16.0][1]:.3g}]", "loss_tail", "exp"),
@@ -464,8 +496,8 @@ def phase_report(measured: Curves, predicted: dict | None = None, lam=None, w_st
 
     tm = _f(P.fit_tail_mass_exponent(lam, w_star))
     exps["tail_mass"] = {
-        "measured": {"value": tm, "ci_low": tm, "ci_high": tm, "n": 1},
-        "predicted": P.tail_mass_exponent(a) if a > 0 else float("nan"),
+        "measured": {"value": tm, "ci_low": tm, "ci_high": tm, "n": int(np.isfinite(tm))},
+        "predicted": P.tail_mass_exponent(a) if tail else float("nan"),
         "source": "1 - 1/a (T(lambda) ~ lambda^(1-1/a))",
         "note": "log-log slope of T(lambda_k) = sum_{i>k} lambda_i w*_i^2 on the actual w*, "
                 "ranks 5..d/20 (deterministic: no CI)",
@@ -475,6 +507,7 @@ def phase_report(measured: Curves, predicted: dict | None = None, lam=None, w_st
     settings = {"delta": float(delta), "eps": float(eps), "s_level": float(s_level), "s_lin": float(s_lin), "n_lo": int(n_lo),
                 "n_hi": int(n_hi if n_hi is not None else default_n_hi(d, n_lo)), "floor": float(floor),
                 "a": float(a), "d": int(d), "s_star": float(s_star), "n_curves": int(measured.n_curves),
+                "n_diverged": n_diverged,
                 "n_boot": int(n_boot), "level": float(level), "seed": int(seed),
                 "models": sorted(models)}
     return {"settings": settings, "phases": phases, "exponents": exps}

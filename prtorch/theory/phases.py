@@ -60,7 +60,7 @@ __all__ = [
     "aligned_error", "phase3_weights", "phase3_S", "uniform_S", "uniform_S_early",
     "uniform_S_middle", "uniform_S_late_bound", "uniform_S_late", "phase3_state", "phase3_curves",
     "phase3_mse", "phase3_loss", "phase3_loss_asymptotic", "local_slope", "mse_drop_exponent",
-    "loss_tail_exponent", "one_minus_u_exponents", "tail_mass_exponent", "infer_a",
+    "loss_tail_exponent", "one_minus_u_exponents", "tail_mass_exponent", "infer_a", "gd_stability_edge",
 ]
 
 
@@ -152,6 +152,18 @@ def growth_rate(lam, w_star, s_star: float | None = None) -> float:
     return float(m[-1] + x)
 
 
+def gd_stability_edge(lam, w_star, s_star: float | None = None) -> float:
+    """Largest step size at which population GD is linearly stable at the optimum: ``2 / lambda_max(H)``.
+
+    The Hessian of ``L = 3 s^2 - 2 s s* - 4 u^2 + 3 s*^2`` at ``w = +-w*`` is
+    ``H = 8 s* Q + 16 Q w* w*^T Q``, twice the Phase-I escape matrix ``4 s* Q + 8 Q w* w*^T Q`` whose top
+    eigenvalue is :func:`growth_rate` ``rho``: so the edge is exactly ``1/rho``. Past it GD oscillates
+    (period 2) or diverges and SGD, noisier, fails earlier; the ODE equivalents (GF, SGD-DE) do not see
+    this instability of the discrete map.
+    """
+    return 1.0 / growth_rate(lam, w_star, s_star)
+
+
 def secular_roots(lam, w_star, s_star: float | None = None, chunk: int = 512):
     """All roots ``p_k`` of ``D`` (the eigenvalues of ``M`` seen by ``u``), ascending, as
     ``(m_left, x)`` with ``p_k = m_left_k + x_k``.
@@ -216,7 +228,16 @@ def escape_time(delta: float, w0, lam, w_star, s_star: float | None = None) -> f
     (e.g. ``0.1``): the linearisation drops ``12 s``, and ``s ~ u^2/s*`` on escape. Clamped at
     ``0`` (``|c| >= delta``: already escaped, as happens at small ``d`` where ``|u(0)| ~ d^{-1/2}``).
     """
-    c = residue_prefactor(w0, lam, w_star, s_star)
+    delta = float(delta)
+    if not delta > 0:
+        raise ValueError(f"escape_time needs delta > 0, got {delta:g}")
+    with np.errstate(divide="ignore", invalid="ignore"):
+        try:
+            c = residue_prefactor(w0, lam, w_star, s_star)
+        except ZeroDivisionError:
+            c = 0.0
+    if not np.isfinite(c) or c == 0:
+        return float("inf")  # u(0) has no component on the unstable mode: GF never escapes
     rho = growth_rate(lam, w_star, s_star)
     return float(max(0.0, np.log(delta / abs(c)) / rho))
 
@@ -337,7 +358,8 @@ def tail_mass_asymptotic(threshold, a: float, d: int, s_star: float = 1.0) -> np
 
 
 def tail_mass_exponent(a: float) -> float:
-    """Theory: ``T(lambda) ~ lambda^{1 - 1/a}``."""
+    """Theory: ``T(lambda) ~ lambda^{1 - 1/a}`` (``a > 1``)."""
+    a = _need_tail(a, "tail_mass_exponent")
     return 1.0 - 1.0 / a
 
 
@@ -352,9 +374,10 @@ def fit_tail_mass_exponent(lam, w_star, k_lo: int = 5, k_hi: int | None = None) 
     k_hi = max(k_lo + 2, d // 20) if k_hi is None else k_hi
     k = np.arange(k_lo, min(k_hi, d - 1) + 1)  # 1-based ranks
     k = k[T[k - 1] > 0]
-    if k.size < 3:
-        return float("nan")
-    return float(np.polyfit(np.log(ls[k - 1]), np.log(T[k - 1]), 1)[0])
+    x = np.log(ls[k - 1]) if k.size else k
+    if k.size < 3 or np.ptp(x) <= 1e-12 * max(1.0, np.abs(x).max()):
+        return float("nan")  # a flat spectrum (a = 0) has no slope in lambda
+    return float(np.polyfit(x, np.log(T[k - 1]), 1)[0])
 
 
 def aligned_error(w, w_star) -> np.ndarray:
@@ -417,7 +440,8 @@ def loss_quasistatic(t, w0, lam, w_star, t0: float) -> np.ndarray:
 
 
 def predicted_t2(eps: float, w0, lam, w_star, t0: float) -> float:
-    """First ``t`` where :func:`one_minus_u_quasistatic` ``<= eps`` (``t0 = T1'``)."""
+    """First ``t`` where :func:`one_minus_u_quasistatic` ``<= eps`` (``t0 = T1'``, ``0 < eps < 1``)."""
+    eps = _need_level(eps, "eps")
     f = lambda tt: float(one_minus_u_quasistatic(np.array([tt]), w0, lam, w_star, t0)[0]) - eps
     if f(t0) <= 0:
         return float(t0)
@@ -480,6 +504,7 @@ def t2_bound(eps: float, w0, lam, w_star, t0: float, form: str = "direct", split
     """
     if form not in ("direct", "paper"):
         raise ValueError(f"form={form!r}: expected 'direct' or 'paper'")
+    eps = _need_level(eps, "eps")
     lam, aws, E, ss = _bound_weights(w0, lam, w_star, overshoot)
     t0 = float(t0) + (1.0 / (8.0 * ss * lam.max()) if delay is None else float(delay))
     if form == "direct":
@@ -522,12 +547,36 @@ def phase3_S(tau, pi, lam, s_star: float = 1.0) -> np.ndarray:
     return np.exp(-16.0 * s_star * np.multiply.outer(_f64(tau), _f64(lam))) @ _f64(pi)
 
 
+def _need_tail(a: float, what: str) -> float:
+    """``a`` as float; a ValueError unless ``a > 1`` (the tail laws need a summable spectrum)."""
+    a = float(a)
+    if not a > 1:
+        raise ValueError(f"{what} needs a > 1 (got a = {a:g}): for a <= 1 the spectrum is not summable "
+                         "as d grows and the tail laws do not apply")
+    return a
+
+
+def _need_tau(tau) -> np.ndarray:
+    tau = _f64(tau)
+    if np.any(tau < 0) or not np.all(np.isfinite(tau)):
+        raise ValueError("tau must be finite and >= 0")
+    return tau
+
+
+def _need_level(x: float, name: str) -> float:
+    x = float(x)
+    if not 0 < x < 1:
+        raise ValueError(f"{name} must be in (0, 1), got {x:g}")
+    return x
+
+
 def _H(d: int, a: float) -> float:
     return float(np.sum(np.arange(1, d + 1, dtype=np.float64) ** (-float(a))))
 
 
 def uniform_S(tau, d: int, a: float) -> np.ndarray:
     """Uniform proxy ``S_d(tau) = (1/d) sum_i exp(-16 tau i^{-a} / H_{d,a})`` (``pi_i = 1/d``)."""
+    tau = _need_tau(tau)
     i = np.arange(1, d + 1, dtype=np.float64)
     lam = i ** (-float(a)) / _H(d, a)
     return phase3_S(tau, np.full(d, 1.0 / d), lam)
@@ -542,9 +591,8 @@ def uniform_S_middle(tau, d: int, a: float) -> np.ndarray:
     """Middle regime ``S_d ~ 1 - Gamma(1 - 1/a) (16 tau/H)^{1/a} / d`` (``a > 1``), valid for
     ``H/16 << tau << H d^a/16``: ``d (1 - S_d) = sum_i (1 - e^{-c i^{-a}}) ~ int_0^inf (1 - e^{-c x^{-a}}) dx
     = Gamma(1 - 1/a) c^{1/a}``, ``c = 16 tau / H`` (error ``O(1)`` in the sum, i.e. ``O(1/d)`` in S)."""
-    if a <= 1:
-        raise ValueError("the middle regime needs a > 1")
-    return 1.0 - special.gamma(1 - 1 / a) * (16.0 * _f64(tau) / _H(d, a)) ** (1 / a) / d
+    a = _need_tail(a, "uniform_S_middle")
+    return 1.0 - special.gamma(1 - 1 / a) * (16.0 * _need_tau(tau) / _H(d, a)) ** (1 / a) / d
 
 
 def uniform_S_late_bound(tau, d: int, a: float) -> np.ndarray:
@@ -606,8 +654,9 @@ def phase3_loss(tau, w_T2, lam, w_star) -> np.ndarray:
 def phase3_loss_asymptotic(tau, a: float, d: int, s_star: float = 1.0) -> np.ndarray:
     """Leading loss law in the middle regime with ``e_i^2 ~ w*_i^2 ~ s*`` (unlearned tail):
     ``L ~ 4 s* sum_i lambda_i e^{-16 lambda_i tau} ~ 4 s*^2 Gamma(1 - 1/a) / (a H^{1/a}) (16 tau)^{-(1 - 1/a)}``."""
+    a = _need_tail(a, "phase3_loss_asymptotic")
     H = _H(d, a)
-    return 4 * s_star**2 * special.gamma(1 - 1 / a) / (a * H ** (1 / a)) * (16 * _f64(tau)) ** (-(1 - 1 / a))
+    return 4 * s_star**2 * special.gamma(1 - 1 / a) / (a * H ** (1 / a)) * (16 * _need_tau(tau)) ** (-(1 - 1 / a))
 
 
 def phase3_curves(taus, w_T2, lam, w_star, t2: float = 0.0):
@@ -646,12 +695,14 @@ def local_slope(x, y) -> np.ndarray:
 
 
 def mse_drop_exponent(a: float) -> float:
-    """``1 - MSE(T2 + tau)/MSE(T2) ~ tau^{1/a}`` in the middle regime of ``S_d``."""
+    """``1 - MSE(T2 + tau)/MSE(T2) ~ tau^{1/a}`` in the middle regime of ``S_d`` (``a > 1``)."""
+    a = _need_tail(a, "mse_drop_exponent")
     return 1.0 / a
 
 
 def loss_tail_exponent(a: float) -> float:
-    """``L(T2 + tau) ~ tau^{-(1 - 1/a)}`` (decay exponent ``1 - 1/a``, see :func:`phase3_loss`)."""
+    """``L(T2 + tau) ~ tau^{-(1 - 1/a)}`` (decay exponent ``1 - 1/a``, see :func:`phase3_loss`; ``a > 1``)."""
+    a = _need_tail(a, "loss_tail_exponent")
     return 1.0 - 1.0 / a
 
 
@@ -663,6 +714,7 @@ def one_minus_u_exponents(a: float) -> dict:
     * ``tail_mass``: ``1 - 1/a`` (ours, :func:`one_minus_u_quasistatic`: ``1 - u`` is a fixed
       fraction of the tail mass not yet learned, ``T(1/(8 t)) ~ t^{-(1 - 1/a)}``).
     ``appendix = tail_mass`` only at ``a = 2``, ``paper_bound = appendix`` only at ``a = 3``;
-    ``paper_bound`` is always half of ``tail_mass``.
+    ``paper_bound`` is always half of ``tail_mass``. Needs ``a > 1``.
     """
+    a = _need_tail(a, "one_minus_u_exponents")
     return {"paper_bound": (a - 1) / (2 * a), "appendix": 1.0 / a, "tail_mass": 1.0 - 1.0 / a}

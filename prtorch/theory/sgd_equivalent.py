@@ -99,8 +99,12 @@ the step size is controlled by step doubling with local Richardson extrapolation
 exponent ``1/3``; about 16 flow evaluations per step), on the state ``y = [mu, P]`` of shape
 ``(N, 2 d)``, one row per initialisation / learning rate. The error is measured relative to
 ``||mu - w*||``, ``E||w - w*||^2`` and its ``Q``-weighted version, which carries the loss. A curve
-whose second moment blows up (SGD beyond its stability edge: ``s`` past
-``1e3 max(1, s*, s(0))``) is reported as NaN from then on.
+whose second moment blows up (the DE's own instability, where the noise term outgrows the
+contraction: ``s`` past ``1e3 max(1, s*, s(0))``) is reported as NaN from then on. That is not the
+stability edge of SGD itself: the discrete map also fails past the GD edge ``1/rho``
+(:func:`prtorch.theory.phases.gd_stability_edge`; period-2 oscillation, then divergence) and single
+runs can diverge through rare large steps well before the mean does; an ODE for the mean sees
+neither (``theory_checks`` in ``summary.json`` flags both).
 
 Speed: :class:`DEFlow` evaluates the step either in numpy (the reference) or, when numba is
 installed, with the compiled kernel of :mod:`prtorch.theory.flows_numba`, which fuses the rates, the
@@ -124,7 +128,7 @@ import numpy as np
 from prtorch.model import population_loss
 from prtorch.record import Curves
 from prtorch.theory.gaussian import h_moments
-from prtorch.theory.integrate import integrate, load_kernels, phi1
+from prtorch.theory.integrate import check_times, integrate, load_kernels, phi1
 
 ArrayLike = Union[float, Sequence[float], np.ndarray]
 
@@ -612,8 +616,9 @@ def sgd_equivalent(w0: np.ndarray, lam: np.ndarray, w_star: np.ndarray, times: n
     module docstring). backend: ``"numba"`` (the compiled flow of :mod:`prtorch.theory.flows_numba`),
     ``"numpy"`` (the reference), or ``"auto"`` (numba when it imports).
 
-    A row whose second moment blows up (SGD past its stability edge) turns NaN from then on, the
-    others go on (:func:`prtorch.theory.integrate.integrate`).
+    A row whose second moment blows up (the DE's own instability; see the module docstring for the
+    instabilities of SGD it does not see) turns NaN from then on, the others go on
+    (:func:`prtorch.theory.integrate.integrate`).
 
     Returns ``(states, n_steps)``: ``states`` of shape ``(len(times), N, 2 d)`` holding
     ``[mu, P]`` and the number of accepted steps.
@@ -628,7 +633,7 @@ def _run(w0, lrs, lam, w_star, times, batch_size, label_noise, rtol, atol, inter
     flow = DEFlow(lam, w_star, s_star, lrs, _inverse_batch(batch_size), float(label_noise), interpolate,
                   drift, backend)
     y0 = np.concatenate([w0, w0 * w0], axis=1)
-    times = np.asarray(times, dtype=np.float64)
+    times = check_times(times)
     h0 = min(1e-3, float(times[1] - times[0]) if len(times) > 1 else 1e-3)
     err = de_error_norm(lam, w_star, atol)
     # the second moment of a converging run stays O(max(s*, s(0))); past this it blows up in finite time
@@ -688,7 +693,9 @@ def escape_noise_ratio(states: np.ndarray, lam: np.ndarray, w_star: np.ndarray,
     with np.errstate(divide="ignore", invalid="ignore"):
         ratio = np.sqrt(var) / u
     pre = (u < level) & np.isfinite(ratio)
-    return np.where(pre.any(0), np.max(np.where(pre, ratio, 0.0), axis=0), 0.0)
+    out = np.where(pre.any(0), np.max(np.where(pre, ratio, 0.0), axis=0), 0.0)
+    # a curve with no finite state after t = 0 (diverged at once) says nothing about its escape
+    return np.where(np.isfinite(u[1:]).any(0) if u.shape[0] > 1 else True, out, np.nan)
 
 
 def sgd_de_curves(w0: np.ndarray, lam: np.ndarray, w_star: np.ndarray, times: np.ndarray,
