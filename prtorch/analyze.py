@@ -35,8 +35,10 @@ Writes into ``--out`` (default ``<dir>/analysis``):
   relative gap of the median MSE to each theory curve and to the Phase-III linearisation;
 * ``report.md``: the tables and every figure.
 
-Several runs in one point (seeds): a phase or exponent is the median of the runs' values, its interval
-the envelope of the runs' intervals. Bad input (no such folder, no run inside) prints one line on
+Several runs in one point (seeds): each seed is its own problem instance (``w*``, ``w(0)``), so the
+point figure draws every seed apart (its median and its own theory curves, one colour per seed; the
+Phase-III curve and its gap are those of the first seed); a phase or exponent is the median of the
+runs' values, its interval the envelope of the runs' intervals. Bad input (no such folder, no run inside) prints one line on
 stderr and exits with code 2.
 """
 from __future__ import annotations
@@ -237,6 +239,7 @@ class Point:
     exponents: dict = field(default_factory=dict)
     note: str = ""
     phase3: object = None                 # cached Phase-III overlay (False: none)
+    run_reports: list = field(default_factory=list)  # per finished run: its phases/exponents report
 
     @property
     def label(self) -> str:
@@ -252,6 +255,16 @@ class Point:
     @property
     def finished_runs(self) -> list:
         return [r for r in self.runs if r.finished]
+
+    @property
+    def seeds(self) -> list:
+        """Distinct seeds (problem instances) pooled in this point, in run order."""
+        out = []
+        for r in self.runs:
+            sd = r.cfg.get("seed", 0)
+            if sd not in out:
+                out.append(sd)
+        return out
 
     @property
     def status(self) -> str:
@@ -434,6 +447,7 @@ def measure_points(points: list) -> None:
             if rep is None:
                 rep = {"phases": r.summary.get("phases"), "exponents": r.summary.get("exponents")}
             reports.append(rep)
+        p.run_reports = reports
         for section in ("phases", "exponents"):
             names = []
             for rep in reports:
@@ -638,12 +652,19 @@ def _concat(curves: list, model: str) -> Curves | None:
     return Curves(model, time, values, cols)
 
 
-def point_measured(p: Point) -> Curves | None:
+def _tag_seed(c: Curves, run) -> Curves:
+    """``c`` with a ``seed`` column (the run's instance), so pooled seeds can be drawn apart."""
+    cols = dict(c.columns)
+    cols["seed"] = np.full(c.n_curves, int(run.cfg.get("seed", 0) or 0))
+    return Curves(c.model, c.time, c.values, cols)
+
+
+def point_measured(p: Point, runs=None) -> Curves | None:
     cs = []
-    for r in p.runs:
+    for r in (p.runs if runs is None else runs):
         m = r.measured()
         if m is not None:
-            cs.append(_subset(m, _lr_mask(m, p.lr)))
+            cs.append(_tag_seed(_subset(m, _lr_mask(m, p.lr)), r))
     model = str(p.runs[0].cfg.get("optim.algorithm", "sgd")) if p.runs else "sgd"
     return _concat(cs, model)
 
@@ -658,7 +679,7 @@ def point_theory(p: Point, models=("gf", "sgd_de")) -> list:
                     continue
                 if name == "sgd_de" and p.lr is not None and "lr" in th.columns:
                     th = _subset(th, _lr_mask(th, p.lr))
-                cs.append(th)
+                cs.append(_tag_seed(th, r))
         c = _concat(cs, name)
         if c is not None:
             out.append(c)
@@ -692,8 +713,9 @@ def median_gap(meas: Curves | None, th: Curves, metric: str = "mse") -> float:
 
 def phase3_deviation(p: Point, p3: Curves | None) -> float:
     """Largest relative gap between the measured median MSE and the Phase-III curve over
-    ``t in [2 T2, t_end]`` (the measured median interpolated in log time at the curve's times)."""
-    meas = point_measured(p)
+    ``t in [2 T2, t_end]`` (the measured median interpolated in log time at the curve's times; with
+    several seeds pooled, the median of the first run, whose instance the curve is computed on)."""
+    meas = point_measured(p, p.finished_runs[:1] if len(p.seeds) > 1 else None)
     if p3 is None or meas is None:
         return float("nan")
     t_m, y_m = _median_curve(meas, "mse")
@@ -713,10 +735,15 @@ def phase3_overlay(p: Point, max_d: int = 5000) -> Curves | None:
     ``w(T2)`` is gradient flow from the run's stored ``w0`` (at most 4 distinct inits) integrated to
     the point's median ``T2``; then ``e_i(T2 + tau) = e_i(T2) e^{-8 lambda_i tau}``.
     """
-    t2 = _entry_value(p.phases.get("T2") or {})
-    if not np.isfinite(t2) or t2 <= 0 or not p.finished_runs:
+    if not p.finished_runs:
         return None
     run = p.finished_runs[0]
+    # with several seeds (instances) pooled, the curve is that of the first run's instance, from its
+    # own T2 (the pooled median T2 belongs to no instance)
+    own = p.run_reports[0] if len(p.seeds) > 1 and p.run_reports else None
+    t2 = _entry_value(((own or {}).get("phases") or {}).get("T2") or {}) if own else _entry_value(p.phases.get("T2") or {})
+    if not np.isfinite(t2) or t2 <= 0:
+        return None
     if not _num(run.cfg.get("data.a")) > 1:  # the paper's Phase III assumes a > 1
         return None
     inst = run.instance()
@@ -737,7 +764,7 @@ def phase3_overlay(p: Point, max_d: int = 5000) -> Curves | None:
             with np.errstate(all="ignore"):
                 c = Curves(c.model, c.time[:, :1], {k: np.nanmedian(v, axis=1)[:, None] for k, v in c.values.items()},
                            {"init": np.array([0])})
-        return c
+        return _tag_seed(c, run)
     except Exception:
         return None
 
@@ -816,13 +843,12 @@ def point_figure(p: Point, out: Path, dpi: int) -> Path | None:
         th = list(theory) + ([p3] if (with_p3 and p3 is not None) else [])
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", RuntimeWarning)  # all-NaN rows of diverged replicas
-            draw_metric(ax, metric, meas, th, marks)
+            draw_metric(ax, metric, meas, th, marks, group="seed" if len(p.seeds) > 1 else None)
         for ln in ax.get_lines():  # the measured median on top of the theory curves that it matches
             if str(ln.get_label()).startswith(f"{meas.model.upper()} median"):
                 ln.set_zorder(3)
         if metric == "u":
-            ax.set_ylim(-1.05, 1.05)
-            ax.axhline(0, color="gray", lw=0.8)
+            ax.set_ylim(bottom=0)
         if metric == "s":
             ax.axhline(1 / 3, color="gray", lw=0.8)
             ax.text(ax.get_xlim()[0], 1 / 3, " s = 1/3", va="bottom", fontsize=8, color="gray")
@@ -832,8 +858,10 @@ def point_figure(p: Point, out: Path, dpi: int) -> Path | None:
             transform=ax.transAxes)
     name = p.runs[0].cfg.get("name") or ""
     name = "" if name == p.label else name
-    fig.suptitle(f"{name}  {p.label}  ({len(p.runs)} run(s), {meas.n_curves} replicas; dotted verticals: "
-                 "measured phase times)", fontsize=10)
+    pooled = (f"; seeds {', '.join(str(x) for x in p.seeds)} drawn apart, numbers pooled over runs"
+              if len(p.seeds) > 1 else "")
+    _suptitle(fig, f"{name}  {p.label}  ({len(p.runs)} run(s), {meas.n_curves} replicas; dotted verticals: "
+                   f"measured phase times{pooled})", fontsize=10)
     return _save(fig, out / "points" / f"{p.slug}.png", dpi)
 
 
@@ -869,6 +897,14 @@ def _colours(values: list):
     n = len(values)
     cmap = plt.get_cmap("viridis")
     return {v: cmap(0.05 + 0.85 * i / max(n - 1, 1)) for i, v in enumerate(values)}
+
+
+def _suptitle(fig, text: str, fontsize: float = 10, **kw) -> None:
+    """``fig.suptitle`` wrapped to the figure's width (long metric labels were cut at both sides)."""
+    import textwrap
+
+    width = max(40, int(fig.get_figwidth() * 72 / (0.6 * fontsize)))
+    fig.suptitle(textwrap.fill(text, width), fontsize=fontsize, **kw)
 
 
 def _median_curve(c: Curves, metric: str):
@@ -934,7 +970,7 @@ def sweep_curve_figure(points: list, keys: list, metric: str, out: Path, dpi: in
         plt.close(fig)
         return None
     name = points[0].runs[0].cfg.get("name") or ""
-    fig.suptitle(f"{name}: {LABELS.get(metric, metric)} - median per sweep point (solid), gradient flow "
+    _suptitle(fig, f"{name}: {LABELS.get(metric, metric)} - median per sweep point (solid), gradient flow "
                  "(dashed)", fontsize=10)
     return _save(fig, out / f"sweep_{metric}.png", dpi)
 
@@ -1040,7 +1076,7 @@ def phase3_figure(points: list, keys: list, out: Path, dpi: int, by=None) -> Pat
         plt.close(fig)
         return None
     name = points[0].runs[0].cfg.get("name") or ""
-    fig.suptitle(f"{name}: Phase III, the MSE drop after T2 (u = 1 - eps)", fontsize=10)
+    _suptitle(fig, f"{name}: Phase III, the MSE drop after T2 (u = 1 - eps)", fontsize=10)
     return _save(fig, out / "phase3.png", dpi)
 
 
@@ -1192,7 +1228,7 @@ def sweep_scalar_figures(points: list, keys: list, out: Path, dpi: int, by=None)
 
     _scalar_panel(axes[3], points, x_key, series, final_mse, "final MSE (median over replicas)", log_x, True)
     axes[3].set_ylabel("MSE at t_end")
-    fig.suptitle(f"{name}: phase times vs {SHORT.get(x_key, x_key)} (median, 95% bootstrap CI over replicas)",
+    _suptitle(fig, f"{name}: phase times vs {SHORT.get(x_key, x_key)} (median, 95% bootstrap CI over replicas)",
                  fontsize=10)
     paths.append(_save(fig, out / "sweep_phases.png", dpi))
     # exponents
@@ -1202,7 +1238,7 @@ def sweep_scalar_figures(points: list, keys: list, out: Path, dpi: int, by=None)
         _scalar_panel(ax, points, x_key, series, lambda p, k=k: p.exponents.get(k), EXP_LABEL[k], log_x,
                       k == "rho", extra)
         ax.set_ylabel(k)
-    fig.suptitle(f"{name}: exponents vs {SHORT.get(x_key, x_key)} (median, 95% bootstrap CI over replicas)",
+    _suptitle(fig, f"{name}: exponents vs {SHORT.get(x_key, x_key)} (median, 95% bootstrap CI over replicas)",
                  fontsize=10)
     paths.append(_save(fig, out / "sweep_exponents.png", dpi))
     # escape vs tail, side by side
@@ -1215,7 +1251,7 @@ def sweep_scalar_figures(points: list, keys: list, out: Path, dpi: int, by=None)
     axes[1].set_ylabel("exponent")
     _scalar_panel(axes[2], points, x_key, series, final_mse, "MSE left at the end of the run (median)", log_x, True)
     axes[2].set_ylabel("MSE at t_end")
-    fig.suptitle(f"{name}: escape vs tail across {SHORT.get(x_key, x_key)}", fontsize=10)
+    _suptitle(fig, f"{name}: escape vs tail across {SHORT.get(x_key, x_key)}", fontsize=10)
     paths.append(_save(fig, out / "escape_vs_tail.png", dpi))
     return paths
 

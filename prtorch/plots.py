@@ -10,10 +10,10 @@ import numpy as np
 
 LOG_METRICS = {"mse": True, "loss": True}
 LABELS = {"mse": "parameter MSE  min(||w-w*||², ||w+w*||²)/d", "loss": "population loss L(w)",
-          "s": "s = wᵀQw", "u": "u = wᵀQw*", "one_minus_u": "1 - |u|"}
+          "s": "s = wᵀQw", "u": "|u| = |wᵀQw*|", "one_minus_u": "1 - |u|"}
 THEORY_STYLE = {"gf": dict(color="k", ls="--", lw=1.8, label="gradient flow (theory)"),
                 "sgd_de": dict(ls=":", lw=2.2, label="SGD deterministic equivalent"),
-                "phase3": dict(color="tab:purple", ls="-.", lw=1.5, label="Phase III: MSE(T2)·S(τ)")}
+                "phase3": dict(color="tab:purple", ls="-.", lw=1.5, label="Phase III prediction from GF at T2")}
 
 
 def _plt():
@@ -32,15 +32,20 @@ def _positive(t, v, log_y):
     return t[m], v[m]
 
 
-def draw_metric(ax, metric, measured, theory=(), phases=None, transform=None):
-    """Replicas thin, median bold (one colour per learning rate), theory dashed, phase times dotted."""
+def draw_metric(ax, metric, measured, theory=(), phases=None, transform=None, group=None):
+    """Replicas thin, median bold (one colour per learning rate), theory dashed, phase times dotted.
+
+    group: a column of ``measured`` (e.g. ``"seed"``) to draw apart instead of the learning rate:
+    one median per value, and each theory curve in the colour of its own value of that column."""
     f = transform or (lambda v: v)
     log_y = LOG_METRICS.get(metric, False) or metric == "one_minus_u"
     src = "u" if metric == "one_minus_u" else metric
-    tf = (lambda v: 1 - np.abs(v)) if metric == "one_minus_u" else f
+    # u is drawn as |u|: runs end at +w* or -w* alike, and a median of signed u would be meaningless
+    tf = (lambda v: 1 - np.abs(v)) if metric == "one_minus_u" else (np.abs if metric == "u" else f)
     colors = {}
+    key = group if (group and measured is not None and group in measured.columns) else "lr"
     if measured is not None:
-        lrs = measured.columns.get("lr", np.zeros(measured.n_curves))
+        lrs = measured.columns.get(key, np.zeros(measured.n_curves))
         for i, lr in enumerate(np.unique(lrs)):
             colors[lr] = f"C{i}"
             sel = np.flatnonzero(lrs == lr)
@@ -51,23 +56,29 @@ def draw_metric(ax, metric, measured, theory=(), phases=None, transform=None):
                 warnings.simplefilter("ignore", RuntimeWarning)
                 t = np.nanmedian(measured.time[:, sel], axis=1)
                 med = np.nanmedian(tf(measured.values[src][:, sel]), axis=1)
-            lab = f"{measured.model.upper()} median of {len(sel)}" + (f" (lr={lr:g})" if len(np.unique(lrs)) > 1 or lr else "")
+            lab = f"{measured.model.upper()} median of {len(sel)}" + (
+                f" ({key}={lr:g})" if len(np.unique(lrs)) > 1 or (lr and key == "lr") else "")
             ax.plot(*_positive(t, med, log_y), color=colors[lr], lw=2.2, label=lab)
     for th in theory:
         style = dict(THEORY_STYLE.get(th.model, dict(ls="--", label=th.model)))
-        lrs = th.columns.get("lr")
+        lrs = th.columns.get(key)
+        labelled = set()
         for r in range(th.n_curves):
             st = dict(style)
-            if lrs is not None and th.model == "sgd_de":
+            if lrs is not None and (th.model == "sgd_de" or key != "lr"):
                 st["color"] = colors.get(lrs[r], f"C{r}")
-                st["label"] = f"{style['label']} (lr={lrs[r]:g})"
-            if r > 0 and th.model == "gf":
+                st["label"] = f"{style['label']} ({key}={lrs[r]:g})"
+            elif r > 0 and th.model == "gf":
                 st.pop("label", None)
+            if st.get("label") is not None and st["label"] in labelled:  # one entry per family (inits)
+                st.pop("label")
+            elif st.get("label") is not None:
+                labelled.add(st["label"])
             ax.plot(*_positive(th.time[:, r], tf(th.values[src][:, r]), log_y), **st)
     for i, (name, t) in enumerate((phases or {}).items()):
         if t is not None and np.isfinite(t) and t > 0:
             ax.axvline(t, color="gray", ls=":", lw=1)
-            ax.text(t, 0.98 - 0.05 * i, f" {name}", transform=ax.get_xaxis_transform(), va="top",
+            ax.text(t, 0.98 - 0.07 * i, f" {name}", transform=ax.get_xaxis_transform(), va="top",
                     fontsize=8, color="gray")
     ax.set_xscale("log")
     if log_y:
@@ -93,8 +104,9 @@ def run_figures(out_dir, measured, theory=(), phases=None, title="") -> list:
     for ax, m in zip(axes, ("u", "s")):
         draw_metric(ax, m, measured, theory, phases)
         if m == "u":
-            ax.set_ylim(-1.05, 1.05)
-        ax.axhline(1 / 3 if m == "s" else 0, color="gray", lw=0.8)
+            ax.set_ylim(bottom=0)
+        else:
+            ax.axhline(1 / 3, color="gray", lw=0.8)
     fig.suptitle(title, fontsize=9)
     paths.append(_save(fig, out / "su.png"))
     return paths

@@ -307,15 +307,17 @@ def _theory_call(which, inst, times, backend, rtol):
 def time_theory_one(which: str, backend: str = "auto", d: int = 1000, a: float = 2.0, t_end: float = 1e5,
                     accuracy: bool = True) -> dict:
     """Wall time of one theory integrator (``backend``) from the instance's init to ``t_end``
-    (71 log-spaced save times), after a short warm-up call (numba's compile, cached on disk, is not
-    counted). ``accuracy``: also the max relative error of the MSE curve against the same integrator
+    (71 log-spaced save times), after a short warm-up call at the same ``d`` (numba's compile, cached on
+    disk, is not counted). ``accuracy``: also the max relative error of the MSE curve against the same integrator
     at ``rtol = 1e-8`` (the default is ``1e-5``)."""
     inst = make_instance(d, a, 1, seed=0)
     times = np.concatenate([[0.0], np.logspace(-2, np.log10(t_end), 71)])
     name = f"theory:{which}[{backend}]"
     note = f"a={a}, t to {t_end:g}" + (f", lr={LR}" if which == "sgd_equivalent" else "")
     try:
-        _theory_call(which, make_instance(64, a, 1, seed=1), times[:3], backend, 1e-5)   # warm-up / compile
+        # warm-up / compile at the same d (from d = 1000 the compiled flows switch to their parallel
+        # kernel, a separate compile of several seconds that must not be counted)
+        _theory_call(which, make_instance(d, a, 1, seed=1), times[:3], backend, 1e-5)
         t = time.perf_counter()
         mse, n_steps = _theory_call(which, inst, times, backend, 1e-5)
         wall = time.perf_counter() - t

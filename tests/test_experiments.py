@@ -182,6 +182,24 @@ def test_seeds_are_pooled_into_one_point(tiny_sweep, tmp_path):
     cols = A.read_table(tmp_path / "an" / "phases.csv")
     assert list(cols["n_runs"]) == [2]
     np.testing.assert_equal(cols["T1_value"][0], float(s["phases"]["T1"]["measured"]["value"]))
+    # the point figure draws each seed (instance) apart, its theory in the seed's colour
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from prtorch.plots import draw_metric
+
+    pts, _ = A.group_points(A.find_runs(tmp_path / "runs"))
+    A.measure_points(pts)
+    (p,) = pts
+    assert p.seeds == [0, 1]
+    fig, ax = plt.subplots()
+    draw_metric(ax, "mse", A.point_measured(p), A.point_theory(p), group="seed")
+    lines = {str(ln.get_label()): ln.get_color() for ln in ax.get_lines()}
+    med = {sd: next(c for lab, c in lines.items() if "median" in lab and f"seed={sd}" in lab) for sd in (0, 1)}
+    gf = {sd: next(c for lab, c in lines.items() if "gradient flow" in lab and f"seed={sd}" in lab) for sd in (0, 1)}
+    assert med[0] != med[1] and gf == med
+    plt.close(fig)
 
 
 @pytest.mark.parametrize("sweep", sorted(p.stem for p in (CONF / "sweep").glob("*.yaml")))
