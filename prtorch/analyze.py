@@ -10,9 +10,9 @@ It reads only the files a run writes (``summary.json``, ``metrics.csv``, ``theor
 holding a ``summary.json``; ``superseded/``, ``wandb/`` and ``.hydra/`` are skipped) and groups the
 runs by *sweep point*: the config keys that differ between runs (``seed`` excluded: runs that differ
 only in their seed are pooled into one point). A run whose ``optim.lr`` is a list (learning rates as a
-replica axis) is split into one point per learning rate; its phases and exponents are then measured
-again per learning rate from ``metrics.csv`` and ``instance.npz`` (the run's ``summary.json`` pools
-every replica).
+replica axis) is split into one point per learning rate; its phases and exponents are the run's own per-lr
+report (``summary.json`` ``per_lr``), or, for runs written before it existed, measured again per
+learning rate from ``metrics.csv`` and ``instance.npz``.
 
 Writes into ``--out`` (default ``<dir>/analysis``):
 
@@ -166,6 +166,11 @@ class Run:
                             for r, lr in zip(cols["replica"], cols["lr"]):
                                 lr_of.setdefault(float(r), float(lr))
                             c.columns["lr"] = np.array([lr_of[float(r)] for r in c.columns["replica"]])
+                        # metrics.csv has no rows after a divergence: flag those replicas from the summary
+                        t_end = _num(self.cfg.get("train.time"))
+                        dead = {int(dv.get("replica", -1)) for dv in (self.summary.get("diverged") or [])
+                                if not _num(dv.get("time")) > t_end * (1 + 1e-9)}
+                        c.columns["diverged"] = np.array([int(r) in dead for r in c.columns["replica"]])
             self._measured = c if c is not None else False
         return self._measured or None
 
@@ -395,6 +400,14 @@ def _aggregate(entries: list) -> dict:
     return out
 
 
+def _per_lr_report(run: Run, lr: float) -> dict | None:
+    """The run's own report for one learning rate (``summary.json`` ``per_lr``), if it has one."""
+    for rep in run.summary.get("per_lr") or []:
+        if isinstance(rep, dict) and math.isclose(_num((rep.get("settings") or {}).get("lr")), lr, rel_tol=1e-12):
+            return rep
+    return None
+
+
 def _remeasure(run: Run, lr: float) -> dict | None:
     """Phases and exponents of the replicas of one learning rate (``phase_report`` with a mask)."""
     try:
@@ -422,6 +435,7 @@ def _remeasure(run: Run, lr: float) -> dict | None:
         kw["n_boot"] = int(nb)
     try:
         return phase_report(meas, pred, inst["lam"], inst["w_star"], inst["w0"], mask=mask,
+                            diverged=meas.columns.get("diverged"),
                             seed=int(run.cfg.get("seed", 0) or 0), **kw)
     except Exception:
         return None
@@ -433,17 +447,20 @@ def _subset(c: Curves, sel) -> Curves:
 
 
 def measure_points(points: list) -> None:
-    """Fill ``point.phases`` / ``point.exponents`` (read from the summaries; re-measured per lr)."""
+    """Fill ``point.phases`` / ``point.exponents`` (read from the summaries, per lr where split)."""
     for p in points:
         reports = []
         for r in p.finished_runs:
             rep = None
             if p.lr is not None and len(_lrs(r.cfg)) > 1:
-                rep = _remeasure(r, p.lr)
-                if rep is None:
-                    p.note = "re-measuring per learning rate failed: values pool every learning rate of the run"
+                rep = _per_lr_report(r, p.lr)
+                if rep is not None:
+                    p.note = "measured on the replicas of this learning rate (the run's per_lr report)"
                 else:
-                    p.note = "measured on the replicas of this learning rate (re-measured from metrics.csv)"
+                    rep = _remeasure(r, p.lr)
+                    p.note = ("re-measuring per learning rate failed: values pool every learning rate of the run"
+                              if rep is None else
+                              "measured on the replicas of this learning rate (re-measured from metrics.csv)")
             if rep is None:
                 rep = {"phases": r.summary.get("phases"), "exponents": r.summary.get("exponents")}
             reports.append(rep)
@@ -599,6 +616,10 @@ def _final(p: Point) -> dict:
     out = {}
     if c is None:
         return out
+    if "diverged" in c.columns and np.any(c.columns["diverged"]):  # as in summary.json: left out
+        c = _subset(c, ~np.asarray(c.columns["diverged"], dtype=bool))
+        if c.n_curves == 0:
+            return {k: float("nan") for k in ("time", "mse", "loss", "s", "u", "abs_u")}
     last_t = [c.time[np.flatnonzero(np.isfinite(c.values["mse"][:, r]))[-1], r] for r in range(c.n_curves)
               if "mse" in c.values and np.isfinite(c.values["mse"][:, r]).any()]
     out["time"] = float(np.median(last_t)) if last_t else float("nan")
@@ -847,8 +868,10 @@ def point_figure(p: Point, out: Path, dpi: int) -> Path | None:
         for ln in ax.get_lines():  # the measured median on top of the theory curves that it matches
             if str(ln.get_label()).startswith(f"{meas.model.upper()} median"):
                 ln.set_zorder(3)
-        if metric == "u":
-            ax.set_ylim(bottom=0)
+        if metric in ("u", "s"):
+            from prtorch.plots import linear_top
+
+            ax.set_ylim(0, linear_top(meas, theory, metric))
         if metric == "s":
             ax.axhline(1 / 3, color="gray", lw=0.8)
             ax.text(ax.get_xlim()[0], 1 / 3, " s = 1/3", va="bottom", fontsize=8, color="gray")

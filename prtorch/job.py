@@ -236,29 +236,33 @@ def _run(cfg, out, instance, state, lrs, algorithm, n_steps, steps, dev, dtype, 
     progress.close()
 
     measured = _trim(res.curves, cfg["train"]["time"])
+    # larger learning rates run past the horizon (the steps are shared); what happens there is not
+    # part of the run
+    diverged = [dv for dv in res.diverged if dv["time"] <= cfg["train"]["time"] * (1 + 1e-9)]
     _write_metrics(out, res.extra["state"], lrs, algorithm, cfg["train"]["time"])
     theory = compute_theory(cfg, instance, measured, lrs)
     record.atomic_write_csv(out / "theory.csv", (r for c in theory for r in c.rows({"model": c.model})),
                             THEORY_FIELDS)
     report = measure(cfg, instance, measured, theory, lrs)
     summary.update(
-        status="diverged" if res.diverged else "ok",
+        status="diverged" if diverged else "ok",
         engine=res.engine,
         wall_time=time.perf_counter() - t_start,
         sim_wall_time=res.wall_time,
         steps=n_steps,
         steps_per_second=res.steps_per_second,
-        final=_final(measured),
-        final_theory={c.model: _final(c) for c in theory},
-        diverged=res.diverged,
+        # with several learning rates: the first one's, like phases/exponents (per_lr holds each)
+        final=_final(_at_lr(measured, lrs[0]) if len(lrs) > 1 else measured),
+        final_theory={c.model: _final(_at_lr(c, lrs[0]) if len(lrs) > 1 else c) for c in theory},
+        diverged=diverged,
         **report,
     )
     checks = theory_checks(theory, measured, lrs, instance, cfg["optim"]["algorithm"])
     if checks:
         summary["theory_checks"] = checks
     if cfg["dtype"] == "float32" and np.nanmin(measured.values["mse"]) < 1e-7:
-        summary["warning"] = ("MSE fell below ~1e-7, where float32 weights stall: "
-                              "rerun with dtype=float64 for the late tail")
+        summary["warning"] = ("MSE fell below 1e-7: float32 weights (relative precision 6e-8) may stall "
+                              "in the late tail; rerun with dtype=float64 to check")
         log.warning(summary["warning"])
     from prtorch.plots import run_figures
 
@@ -334,8 +338,26 @@ def theory_checks(theory: list, measured: record.Curves | None = None, lrs=None,
       (the DE, a mean over runs, predicts none of it).
 
     ``reliable`` is False, with a ``warning`` logged, if any of these says the DE is off.
+
+    ``stability`` (every SGD/GD run): ``gd_stability_edge``, the learning rates and which are past
+    the edge, with a ``warning`` if any is (GF, the theory of every run, cannot show it).
     """
     out = {}
+    if instance is not None and lrs is not None and algorithm in ("sgd", "gd"):
+        from prtorch.theory.phases import gd_stability_edge
+
+        try:
+            edge = float(gd_stability_edge(instance.lam, instance.w_star))
+        except ValueError:
+            edge = float("nan")
+        lr_all = [float(x) for x in np.atleast_1d(lrs)]
+        st = {"gd_stability_edge": edge, "lr": lr_all, "past_edge": [bool(x > edge) for x in lr_all]}
+        if any(st["past_edge"]):
+            st["warning"] = (f"lr = {[x for x in lr_all if x > edge]} is past the stability edge of GD at the "
+                             f"optimum, 1/rho = {edge:.3g}: {algorithm.upper()} oscillates or diverges there, and "
+                             "gradient flow (an ODE) does not show it")
+            log.warning(st["warning"])
+        out["stability"] = st
     for c in theory:
         if c.model != "sgd_de":
             continue
@@ -363,8 +385,9 @@ def theory_checks(theory: list, measured: record.Curves | None = None, lrs=None,
             entry["gd_stability_edge"] = float(edge)
             past = lr_col > edge
             if past.any():
+                unseen = "" if de_div[past].all() else ", which the DE does not see"
                 problems.append(f"lr = {sorted(set(lr_col[past].tolist()))} is past the GD stability edge "
-                                f"{edge:.3g} (1/rho), which the DE does not see")
+                                f"{edge:.3g} (1/rho){unseen}")
         if measured is not None and "lr" in measured.columns:
             run_div = ~finite_curves(measured)
             frac = {}

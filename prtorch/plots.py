@@ -103,13 +103,28 @@ def run_figures(out_dir, measured, theory=(), phases=None, title="") -> list:
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
     for ax, m in zip(axes, ("u", "s")):
         draw_metric(ax, m, measured, theory, phases)
-        if m == "u":
-            ax.set_ylim(bottom=0)
-        else:
+        ax.set_ylim(0, linear_top(measured, theory, m))
+        if m == "s":
             ax.axhline(1 / 3, color="gray", lw=0.8)
     fig.suptitle(title, fontsize=9)
     paths.append(_save(fig, out / "su.png"))
     return paths
+
+
+def linear_top(measured, theory=(), metric: str = "u") -> float:
+    """Upper y-limit of a linear ``|u|`` or ``s`` panel: 1.3 x the largest value of the theory curves
+    (``s*``-scale), else the measured 95th percentile, so that a diverging replica does not flatten
+    the rest."""
+    top = float("nan")
+    with np.errstate(all="ignore"), warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        th = [float(np.nanmax(np.abs(c.values[metric]))) for c in theory
+              if metric in c.values and np.isfinite(c.values[metric]).any()]
+        if th:
+            top = max(th)
+        elif measured is not None and np.isfinite(measured.values[metric]).any():
+            top = float(np.nanpercentile(np.abs(measured.values[metric]), 95))
+    return 1.3 * top if np.isfinite(top) and top > 0 else 1.05
 
 
 def _save(fig, path: Path) -> Path:

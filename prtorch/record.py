@@ -32,8 +32,10 @@ def save_steps(n_steps: int, per_decade: int) -> np.ndarray:
 
 def save_times(t_end: float, per_decade: int, t_min: float) -> np.ndarray:
     """Times ``0`` and log-spaced from ``t_min`` to ``t_end`` (for the theory curves)."""
+    if t_min >= t_end:  # a single step (t_end = lr): just the start and the end
+        return np.array([0.0, float(t_end)])
     n = max(2, int(np.ceil(np.log10(t_end / t_min) * per_decade)) + 1)
-    return np.concatenate([[0.0], np.logspace(np.log10(t_min), np.log10(t_end), n)])
+    return np.concatenate([[0.0], np.unique(np.logspace(np.log10(t_min), np.log10(t_end), n))])
 
 
 @dataclass

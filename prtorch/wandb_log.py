@@ -79,11 +79,18 @@ class WandbLogger(NullLogger):
 
 
 def _flatten(d: dict, prefix: str = "") -> dict:
+    """Nested summary -> ``a/b/c`` keys of scalars. A list of reports (``per_lr``) is keyed by each
+    report's ``settings.lr`` (``per_lr/lr=0.01/phases/T1/...``), other lists of dicts by position;
+    lists of numbers are left out (they stay in ``summary.json``)."""
     out = {}
     for k, v in d.items():
         key = f"{prefix}{k}"
         if isinstance(v, dict):
             out.update(_flatten(v, key + "/"))
+        elif isinstance(v, list) and v and all(isinstance(x, dict) for x in v):
+            for i, x in enumerate(v):
+                lr = (x.get("settings") or {}).get("lr")
+                out.update(_flatten(x, f"{key}/" + (f"lr={lr:g}" if isinstance(lr, float) else str(i)) + "/"))
         elif isinstance(v, (int, float, str, bool)) or v is None:
             out[key] = v
     return out
@@ -92,7 +99,8 @@ def _flatten(d: dict, prefix: str = "") -> dict:
 def _median_curve(c, metric):
     t = np.nanmedian(c.time, axis=1)
     with np.errstate(all="ignore"):
-        v = np.nanmedian(c.values[metric], axis=1)
+        # u as |u| (runs end at +w* or -w* alike), as in the figures
+        v = np.nanmedian(np.abs(c.values[metric]) if metric == "u" else c.values[metric], axis=1)
     m = np.isfinite(t) & np.isfinite(v)
     return t[m], v[m]
 
@@ -108,7 +116,8 @@ def _line_series(wandb, metric, measured, theory):
         for r in range(th.n_curves):
             m = np.isfinite(th.values[metric][:, r])
             xs.append(th.time[m, r].tolist())
-            ys.append(th.values[metric][m, r].tolist())
+            y = th.values[metric][m, r]
+            ys.append((np.abs(y) if metric == "u" else y).tolist())
             lr = th.columns.get("lr")
             keys.append(th.model + (f" lr={lr[r]:g}" if lr is not None else ""))
     return wandb.plot.line_series(xs=xs, ys=ys, keys=keys, title=f"{metric} vs time (measured and theory)", xname="time")

@@ -97,6 +97,9 @@ def test_divergence_is_recorded_and_others_go_on(tmp_path):
     chk = s["theory_checks"]["sgd_de"]
     assert chk["lr"] == [0.005, 2.0] and chk["gd_stability_edge"] < 2.0
     assert chk["runs_diverged"] == [0.0, 1.0] and chk["reliable"] is False and "2.0" in chk["warning"]
+    st = s["theory_checks"]["stability"]
+    assert st["past_edge"] == [False, True] and st["gd_stability_edge"] == chk["gd_stability_edge"]
+    assert "2.0" in st["warning"]
 
 
 def test_every_learning_rate_records_the_horizon(tmp_path):
@@ -111,3 +114,13 @@ def test_every_learning_rate_records_the_horizon(tmp_path):
     s = json.loads((tmp_path / "lrs" / "summary.json").read_text())
     assert [r["settings"]["lr"] for r in s["per_lr"]] == [0.003, 0.007, 0.011]
     assert all(r["settings"]["n_curves"] == 2 for r in s["per_lr"])
+
+
+def test_a_single_step_run(tmp_path):
+    """``train.time = lr`` (one step, allowed by the config check) runs, with its theory curves."""
+    cli(tmp_path, "data.d=20", "train.time=0.5", "optim.lr=0.5", "replicas=2", "logger=none",
+        "hydra.run.dir=" + str(tmp_path / "one"))
+    s = json.loads((tmp_path / "one" / "summary.json").read_text())
+    assert s["steps"] == 1 and s["status"] in ("ok", "diverged")
+    t = read_csv(tmp_path / "one" / "theory.csv")
+    assert sorted(set(t["time"][t["model"] == "gf"])) == [0.0, 0.5]

@@ -219,19 +219,38 @@ def test_lr_list_is_split_into_points(tmp_path):
 
     with initialize_config_dir(version_base="1.3", config_dir=str(CONF)):
         cfg = compose(config_name="config", overrides=[
-            "experiment=sgd_vs_gf_small", "data.d=20", "train.time=2", "replicas=2", "logger=none",
-            "theory.sgd_de=false", "measure.bootstrap=20", "optim.lr=[0.005,0.02]", "train.progress=false",
+            "experiment=sgd_vs_gf_small", "data.d=20", "train.time=4", "replicas=2", "logger=none",
+            "theory.sgd_de=false", "measure.bootstrap=20", "optim.lr=[0.005,0.02,1.5]", "train.progress=false",
             "engine=reference"])
     cfg.paths.output_dir = "unused"
     c = OmegaConf.to_container(cfg, resolve=True)
-    run_job(c, tmp_path / "sweep" / "B=1")
+    s = run_job(c, tmp_path / "sweep" / "B=1")
+    assert s["status"] == "diverged" and {d["lr"] for d in s["diverged"]} == {1.5}
     A.analyze(tmp_path / "sweep", tmp_path / "an", dpi=40, point_figures=False, log=lambda *_: None)
     cols = A.read_table(tmp_path / "an" / "phases.csv")
-    assert sorted(cols["lr"]) == [0.005, 0.02]
+    assert sorted(cols["lr"]) == [0.005, 0.02, 1.5]
     pts = A.read_table(tmp_path / "an" / "points.csv")
-    assert list(pts["replicas"]) == [2, 2]
-    assert pts["final_time"][0] == pytest.approx(2.0) and pts["final_time"][1] <= 2.0  # lr 0.005, 0.02
+    assert list(pts["replicas"]) == [2, 2, 2]
+    assert pts["final_time"][0] == pytest.approx(4.0) and pts["final_time"][1] == pytest.approx(4.0)
     assert (tmp_path / "an" / "sweep_mse.png").exists()  # one curve per learning rate
+    # the per-lr numbers are the run's own per_lr reports; the diverged lr is not measured on its blow-up
+    by_lr = {r["settings"]["lr"]: r for r in s["per_lr"]}
+    for i, lr in enumerate(cols["lr"]):
+        assert cols["T1_n"][i] == by_lr[lr]["phases"]["T1"]["measured"]["n"]
+        np.testing.assert_equal(cols["T1_value"][i], by_lr[lr]["phases"]["T1"]["measured"]["value"])
+    dead = [d for d in s["diverged"] if d["time"] <= 4.0]
+    assert dead and all(d["lr"] == 1.5 for d in dead)
+    assert by_lr[1.5]["settings"]["n_diverged"] == len(dead)
+    assert by_lr[1.5]["phases"]["T1"]["measured"]["n"] == 2 - len(dead)
+    # a run without per_lr (written by an older prtorch) is re-measured from metrics.csv, same result
+    sp = tmp_path / "sweep" / "B=1" / "summary.json"
+    old = json.loads(sp.read_text())
+    old.pop("per_lr")
+    sp.write_text(json.dumps(old))
+    A.analyze(tmp_path / "sweep", tmp_path / "an2", dpi=40, point_figures=False, log=lambda *_: None)
+    cols2 = A.read_table(tmp_path / "an2" / "phases.csv")
+    np.testing.assert_array_equal(cols2["T1_n"], cols["T1_n"])
+    np.testing.assert_array_equal(cols2["T2_value"], cols["T2_value"])
 
 
 # ----------------------------------------------------------------------------------------------
@@ -258,3 +277,17 @@ def test_wandb_table_and_summary_round_trip(tmp_path):
     assert list(m["step"]) == [0, 100] and list(t["model"]) == ["gf", "gf"]
     s = A._unflatten({"phases/T1/measured/value": 1.5, "phases/T1/predicted": 1.2, "status": "ok"})
     assert s["phases"]["T1"]["measured"]["value"] == 1.5 and s["status"] == "ok"
+
+
+def test_wandb_summary_flattens_per_lr_reports():
+    from prtorch.wandb_log import _flatten
+
+    s = {"status": "ok", "phases": {"T1": {"measured": {"value": 1.0}}},
+         "per_lr": [{"settings": {"lr": 0.001}, "phases": {"T1": {"measured": {"value": 2.0}}}},
+                    {"settings": {"lr": 0.03}, "phases": {"T1": {"measured": {"value": 3.0}}}}],
+         "theory_checks": {"sgd_de": {"escape_noise_ratio": [0.1, 0.2], "reliable": True}}}
+    f = _flatten(s)
+    assert f["phases/T1/measured/value"] == 1.0
+    assert f["per_lr/lr=0.001/phases/T1/measured/value"] == 2.0
+    assert f["per_lr/lr=0.03/phases/T1/measured/value"] == 3.0
+    assert f["theory_checks/sgd_de/reliable"] is True and "theory_checks/sgd_de/escape_noise_ratio" not in f

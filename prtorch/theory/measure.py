@@ -310,11 +310,11 @@ def finite_curves(c: Curves) -> np.ndarray:
     return ok
 
 
-def _drop_diverged(c: Curves) -> Curves:
-    """``c`` with each diverged curve (see :func:`finite_curves`) blanked to NaN: its records up to the
-    blow-up are not a trajectory of the dynamics being measured (``|u|`` passes ``1 - eps`` on the way
-    up), so it counts as not measured rather than as an early phase time."""
-    ok = finite_curves(c)
+def _drop_diverged(c: Curves, known=None) -> Curves:
+    """``c`` with each diverged curve (see :func:`finite_curves`, or flagged in ``known``) blanked to
+    NaN: its records up to the blow-up are not a trajectory of the dynamics being measured (``|u|``
+    passes ``1 - eps`` on the way up), so it counts as not measured rather than as an early phase time."""
+    ok = finite_curves(c) if known is None else finite_curves(c) & ~np.asarray(known, dtype=bool)
     if ok.all():
         return c
     return Curves(c.model, np.where(ok[None, :], c.time, np.nan),
@@ -336,12 +336,14 @@ def _measure_all(c: Curves, lam, s_star, delta, eps, s_level, n_lo, n_hi, floor,
 def phase_report(measured: Curves, predicted: dict | None = None, lam=None, w_star=None, w0=None,
                  *, a: float | None = None, delta: float = DELTA, eps: float = EPS,
                  s_level: float = S_LEVEL, s_lin: float = S_LIN, n_lo: int = 5, n_hi: int | None = None,
-                 floor: float = 1e-12, mask=None, max_inits: int = 8, n_boot: int = 2000, level: float = 0.95,
-                 seed: int = 0) -> dict:
+                 floor: float = 1e-12, mask=None, diverged=None, max_inits: int = 8, n_boot: int = 2000,
+                 level: float = 0.95, seed: int = 0) -> dict:
     """Measured phase times and exponents against the paper's (and our) predictions.
 
     measured: the curves to measure (every column is one replica; pass ``mask`` to select, e.g., one
-    learning rate). predicted: optional named theory curves (GF, SGD equivalent, ...), measured by
+    learning rate). Diverged curves are left out: those NaN from some record on, and those flagged in
+    ``diverged`` (``(R,)`` bool, e.g. from ``summary.json``, for curves read back from ``metrics.csv``,
+    which holds no rows after a divergence). predicted: optional named theory curves (GF, SGD equivalent, ...), measured by
     the same procedure and reported under ``"models"``. lam, w_star: the instance; w0: its initial
     weights (``(d,)`` or ``(R, d)``; theory values use the median over its distinct rows, at most
     ``max_inits`` of them; the ``O(d^3)`` predictions - ``T1'`` and the second root - are skipped
@@ -372,6 +374,10 @@ def phase_report(measured: Curves, predicted: dict | None = None, lam=None, w_st
     s_star = P.s_star_of(lam, w_star)
     a = P.infer_a(lam) if a is None else float(a)
     d = lam.size
+    if diverged is not None:
+        diverged = np.asarray(diverged, dtype=bool)
+        if mask is not None:
+            diverged = diverged[np.asarray(mask)]
     if mask is not None:
         mask = np.asarray(mask)
         measured = Curves(measured.model, measured.time[:, mask],
@@ -384,8 +390,9 @@ def phase_report(measured: Curves, predicted: dict | None = None, lam=None, w_st
         W0 = np.unique(W0, axis=0)[:max_inits]
     boot = dict(n_boot=n_boot, level=level, seed=seed)
 
-    n_diverged = int((~finite_curves(measured)).sum())
-    times, ex = _measure_all(_drop_diverged(measured), lam, s_star, delta, eps, s_level, n_lo, n_hi, floor,
+    bad = ~finite_curves(measured) if diverged is None else ~finite_curves(measured) | diverged
+    n_diverged = int(bad.sum())
+    times, ex = _measure_all(_drop_diverged(measured, diverged), lam, s_star, delta, eps, s_level, n_lo, n_hi, floor,
                              s_lin)
     models = {}
     for name, c in (predicted or {}).items():
