@@ -234,6 +234,8 @@ def _run(cfg, out, instance, state, lrs, algorithm, n_steps, steps, dev, dtype, 
     finally:
         _restore_signals(old)
     progress.close()
+    # a kill from here on (theory, figures, W&B) loses no simulation: a rerun resumes at the end
+    save_checkpoint(res.extra["state"])
 
     measured = _trim(res.curves, cfg["train"]["time"])
     # larger learning rates run past the horizon (the steps are shared); what happens there is not

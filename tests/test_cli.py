@@ -124,3 +124,45 @@ def test_a_single_step_run(tmp_path):
     assert s["steps"] == 1 and s["status"] in ("ok", "diverged")
     t = read_csv(tmp_path / "one" / "theory.csv")
     assert sorted(set(t["time"][t["model"] == "gf"])) == [0.0, 0.5]
+
+
+def test_killed_after_the_simulation_resumes_at_its_end(tmp_path, monkeypatch):
+    """A job killed while computing theory/figures (status still 'running') keeps a checkpoint of
+    the finished simulation: the rerun does not simulate again and writes the same metrics."""
+    from hydra import compose, initialize_config_dir
+    from omegaconf import OmegaConf
+
+    import prtorch.job as job
+    import prtorch.train as train
+
+    with initialize_config_dir(version_base="1.3", config_dir=str(train.CONF_DIR)):
+        cfg = compose(config_name="config", overrides=["data.d=20", "train.time=5", "replicas=2", "logger=none",
+                                                       "train.progress=false", "theory.sgd_de=false"])
+    cfg.paths.output_dir = "unused"
+    c = OmegaConf.to_container(cfg, resolve=True)
+    out = tmp_path / "job"
+
+    def killed(*a, **k):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(job, "compute_theory", killed)
+    with pytest.raises(KeyboardInterrupt):
+        job.run_job(c, out)
+    assert json.loads((out / "summary.json").read_text())["status"] == "running"
+    assert (out / "checkpoint.pt").exists()
+    before = read_csv(out / "metrics.csv")
+    monkeypatch.undo()
+    calls = []
+    real = job.simulate
+
+    def counting(*a, **k):
+        calls.append(k["state"].step if k.get("state") is not None else None)
+        return real(*a, **k)
+
+    monkeypatch.setattr(job, "simulate", counting)
+    s = job.run_job(c, out)
+    assert s["status"] == "ok" and calls == [s["steps"]]  # resumed at the last step: nothing left to run
+    after = read_csv(out / "metrics.csv")
+    for col in ("time", "replica", "mse", "u"):
+        np.testing.assert_array_equal(after[col], before[col])
+    assert not (out / "checkpoint.pt").exists()
