@@ -392,6 +392,13 @@ def _aggregate(entries: list) -> dict:
         }
         preds = np.array([_num(e.get("predicted")) for e in entries])
         out["predicted"] = float(np.nanmedian(preds)) if np.isfinite(preds).any() else float("nan")
+        models = {}
+        for e in entries:
+            for name in (e.get("models") or {}):
+                models.setdefault(name, []).append(_num(e["models"][name]))
+        if models:  # each model measured on each run's own instance: the median over runs
+            out["models"] = {name: float(np.nanmedian(v)) if np.isfinite(v).any() else float("nan")
+                             for name, v in models.items()}
         for k, v in entries[0].items():
             if k in ("measured", "predicted") or isinstance(v, (str, dict)) or v is None:
                 continue
@@ -576,7 +583,10 @@ def points_rows(points: list, keys: list) -> tuple:
 def _late_spread(p: Point, meas: Curves | None) -> float:
     """SGD fluctuations after T2: the median over records with ``t >= 2 T2`` of the spread
     ``(P90 - P10) / median`` of ``1 - |u|`` across replicas (NaN with fewer than 2 replicas)."""
-    t2 = _entry_value(p.phases.get("T2") or {})
+    runs, phases = _lead(p)
+    if runs is not None:
+        meas = point_measured(p, runs)
+    t2 = _entry_value(phases.get("T2") or {})
     if meas is None or meas.n_curves < 2 or not np.isfinite(t2):
         return float("nan")
     y = 1 - np.abs(meas.values["u"])
@@ -611,8 +621,19 @@ def _med(xs) -> float:
 
 def _final(p: Point) -> dict:
     """Median over the point's replicas of each metric at its last finite record (and that record's
-    median ``time``: with a list of learning rates the larger ones may stop short of ``t_end``)."""
-    c = point_measured(p)
+    median ``time``: with a list of learning rates the larger ones may stop short of ``t_end``).
+    Several seeds (instances, each on its own scale): each run's values, then their median."""
+    if len(p.seeds) > 1:
+        per = [_final_of(point_measured(p, [r])) for r in p.runs]
+        per = [f for f in per if f]
+        keys = list(dict.fromkeys(k for f in per for k in f))
+        with np.errstate(all="ignore"), warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)
+            return {k: float(np.nanmedian([f.get(k, np.nan) for f in per])) for k in keys}
+    return _final_of(point_measured(p))
+
+
+def _final_of(c: Curves | None) -> dict:
     out = {}
     if c is None:
         return out
@@ -761,8 +782,7 @@ def phase3_overlay(p: Point, max_d: int = 5000) -> Curves | None:
     run = p.finished_runs[0]
     # with several seeds (instances) pooled, the curve is that of the first run's instance, from its
     # own T2 (the pooled median T2 belongs to no instance)
-    own = p.run_reports[0] if len(p.seeds) > 1 and p.run_reports else None
-    t2 = _entry_value(((own or {}).get("phases") or {}).get("T2") or {}) if own else _entry_value(p.phases.get("T2") or {})
+    t2 = _entry_value(_lead(p)[1].get("T2") or {})
     if not np.isfinite(t2) or t2 <= 0:
         return None
     if not _num(run.cfg.get("data.a")) > 1:  # the paper's Phase III assumes a > 1
@@ -810,8 +830,18 @@ def _save(fig, path: Path, dpi: int) -> Path:
     return path
 
 
+def _lead(p: Point) -> tuple:
+    """``(runs, phases)`` for what belongs to one instance (phase-time marks, the Phase-III drop, the
+    late spread): the whole point, or, with several seeds pooled, the first finished run and its own
+    report (a pooled median phase time belongs to no instance)."""
+    if len(p.seeds) > 1 and p.finished_runs and p.run_reports:
+        return p.finished_runs[:1], (p.run_reports[0].get("phases") or {})
+    return None, p.phases
+
+
 def _phase_marks(p: Point) -> dict:
-    return {PHASE_LABEL.get(k, k): _entry_value(p.phases.get(k) or {}) for k in PHASES if k in p.phases}
+    phases = _lead(p)[1]
+    return {PHASE_LABEL.get(k, k): _entry_value(phases.get(k) or {}) for k in PHASES if k in phases}
 
 
 def _numbers_text(p: Point) -> str:
@@ -881,8 +911,8 @@ def point_figure(p: Point, out: Path, dpi: int) -> Path | None:
             transform=ax.transAxes)
     name = p.runs[0].cfg.get("name") or ""
     name = "" if name == p.label else name
-    pooled = (f"; seeds {', '.join(str(x) for x in p.seeds)} drawn apart, numbers pooled over runs"
-              if len(p.seeds) > 1 else "")
+    pooled = (f"; seeds {', '.join(str(x) for x in p.seeds)} drawn apart, phase marks of seed {p.seeds[0]}, "
+              "numbers: median over runs" if len(p.seeds) > 1 else "")
     _suptitle(fig, f"{name}  {p.label}  ({len(p.runs)} run(s), {meas.n_curves} replicas; dotted verticals: "
                    f"measured phase times{pooled})", fontsize=10)
     return _save(fig, out / "points" / f"{p.slug}.png", dpi)
@@ -926,19 +956,27 @@ def _suptitle(fig, text: str, fontsize: float = 10, **kw) -> None:
     """``fig.suptitle`` wrapped to the figure's width (long metric labels were cut at both sides)."""
     import textwrap
 
+    text = text.strip()
+    if text.startswith(": "):  # no sweep name
+        text = text[2:]
     width = max(40, int(fig.get_figwidth() * 72 / (0.6 * fontsize)))
     fig.suptitle(textwrap.fill(text, width), fontsize=fontsize, **kw)
 
 
 def _median_curve(c: Curves, metric: str):
+    """Median curve over ``c``'s curves; with several seeds (``seed`` column: different instances,
+    on the same record grid) the median over seeds of each seed's median, so that no instance's
+    scale takes over when the other's replicas diverge."""
+    seeds = np.asarray(c.columns.get("seed", np.zeros(c.n_curves)))
     with np.errstate(all="ignore"), warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)  # all-NaN rows (diverged replicas)
-        t = np.nanmedian(c.time, axis=1)
         if metric in ("u", "one_minus_u"):  # runs converge to w* or -w*: the sign-invariant |u|
             v = np.abs(c.values["u"]) if metric == "u" else 1 - np.abs(c.values["u"])
         else:
             v = c.values[metric]
-        y = np.nanmedian(v, axis=1)
+        groups = [seeds == sd for sd in np.unique(seeds)]
+        t = np.nanmedian(np.stack([np.nanmedian(c.time[:, g], axis=1) for g in groups], 1), axis=1)
+        y = np.nanmedian(np.stack([np.nanmedian(v[:, g], axis=1) for g in groups], 1), axis=1)
     return t, y
 
 
@@ -966,7 +1004,8 @@ def sweep_curve_figure(points: list, keys: list, metric: str, out: Path, dpi: in
             if meas is not None and (metric in meas.values or metric == "one_minus_u"):
                 t, y = _median_curve(meas, metric)
                 ok = np.isfinite(t) & np.isfinite(y) & (t > 0) & ((y > 0) if log_y else True)
-                ax.plot(t[ok], y[ok], color=c, lw=2, label=f"{lab} (median of {meas.n_curves})")
+                what = (f"median over {len(p.seeds)} seeds" if len(p.seeds) > 1 else f"median of {meas.n_curves}")
+                ax.plot(t[ok], y[ok], color=c, lw=2, label=f"{lab} ({what})")
                 drawn = True
             for th in point_theory(p, ("gf",)):
                 t, y = _median_curve(th, metric)
@@ -1053,8 +1092,9 @@ def phase3_figure(points: list, keys: list, out: Path, dpi: int, by=None) -> Pat
     drawn = False
     for ax, (gkey, pts) in zip(axes.flat, groups):
         for p in pts:
-            t2 = _entry_value(p.phases.get("T2") or {})
-            meas = point_measured(p)
+            runs, phases = _lead(p)  # several seeds: the first one's own T2 and replicas
+            t2 = _entry_value(phases.get("T2") or {})
+            meas = point_measured(p, runs)
             if meas is None or not np.isfinite(t2):
                 continue
             c = cols[_hashable(p.params.get(colour))] if colour else "C0"
@@ -1251,7 +1291,7 @@ def sweep_scalar_figures(points: list, keys: list, out: Path, dpi: int, by=None)
 
     _scalar_panel(axes[3], points, x_key, series, final_mse, "final MSE (median over replicas)", log_x, True)
     axes[3].set_ylabel("MSE at t_end")
-    _suptitle(fig, f"{name}: phase times vs {SHORT.get(x_key, x_key)} (median, 95% bootstrap CI over replicas)",
+    _suptitle(fig, f"{name}: phase times vs {SHORT.get(x_key, x_key)} (median, 95% bootstrap CI over replicas; pooled seeds: the envelope of the runs' CIs)",
                  fontsize=10)
     paths.append(_save(fig, out / "sweep_phases.png", dpi))
     # exponents
@@ -1261,7 +1301,7 @@ def sweep_scalar_figures(points: list, keys: list, out: Path, dpi: int, by=None)
         _scalar_panel(ax, points, x_key, series, lambda p, k=k: p.exponents.get(k), EXP_LABEL[k], log_x,
                       k == "rho", extra)
         ax.set_ylabel(k)
-    _suptitle(fig, f"{name}: exponents vs {SHORT.get(x_key, x_key)} (median, 95% bootstrap CI over replicas)",
+    _suptitle(fig, f"{name}: exponents vs {SHORT.get(x_key, x_key)} (median, 95% bootstrap CI over replicas; pooled seeds: the envelope of the runs' CIs)",
                  fontsize=10)
     paths.append(_save(fig, out / "sweep_exponents.png", dpi))
     # escape vs tail, side by side

@@ -319,6 +319,7 @@ def compute_theory(cfg: dict, instance: Instance, measured: record.Curves, lrs) 
             c = sgd_de_curves(w0, instance.lam, instance.w_star, times, lr,
                               batch_size=cfg["optim"]["batch_size"],
                               label_noise=float(cfg["data"]["label_noise"]), rtol=th["rtol"])
+            c.columns["init"] = np.repeat(np.arange(len(inits)), len(lrs))  # the init's row, as for gf
             out.append(c)
         except Exception as e:  # a theory failure must not cost the measured run
             log.warning("SGD deterministic equivalent failed, left out: %s", e)
@@ -336,8 +337,8 @@ def theory_checks(theory: list, measured: record.Curves | None = None, lrs=None,
     * ``diverged``: the DE's second moment blew up (its curve is NaN from then on);
     * ``lr`` and ``gd_stability_edge`` (:func:`prtorch.theory.phases.gd_stability_edge`, ``1/rho``):
       past the edge GD and SGD cannot converge, while the DE, an ODE, does not see it;
-    * ``runs_diverged``: the fraction of the measured replicas at that learning rate that diverged
-      (the DE, a mean over runs, predicts none of it).
+    * ``runs_diverged_fraction``: the fraction of the measured replicas at that learning rate that
+      diverged (the DE, a mean over runs, predicts none of it).
 
     ``reliable`` is False, with a ``warning`` logged, if any of these says the DE is off.
 
@@ -354,6 +355,12 @@ def theory_checks(theory: list, measured: record.Curves | None = None, lrs=None,
             edge = float("nan")
         lr_all = [float(x) for x in np.atleast_1d(lrs)]
         st = {"gd_stability_edge": edge, "lr": lr_all, "past_edge": [bool(x > edge) for x in lr_all]}
+        if measured is not None and "lr" in measured.columns:  # what the runs did at each lr
+            from prtorch.theory.measure import finite_curves
+
+            dead = ~finite_curves(measured)
+            st["runs_diverged_fraction"] = [
+                float(dead[np.isclose(measured.columns["lr"], x, rtol=1e-12, atol=0)].mean()) for x in lr_all]
         if any(st["past_edge"]):
             st["warning"] = (f"lr = {[x for x in lr_all if x > edge]} is past the stability edge of GD at the "
                              f"optimum, 1/rho = {edge:.3g}: {algorithm.upper()} oscillates or diverges there, and "
@@ -373,10 +380,11 @@ def theory_checks(theory: list, measured: record.Curves | None = None, lrs=None,
         entry = {"escape_noise_ratio": [float(r) for r in ratio], "threshold": NOISE_RATIO_WARN,
                  "diverged": [bool(x) for x in de_div], "lr": [float(x) for x in lr_col]}
         problems = []
-        worst = float(np.nanmax(ratio)) if np.isfinite(ratio).any() else float("nan")
-        if np.isfinite(worst) and worst > NOISE_RATIO_WARN:
-            problems.append(f"escape noise ratio {worst:.2g} > {NOISE_RATIO_WARN}: the escape is noise-driven "
-                            "and the DE (a mean) may be far from single runs")
+        noisy = np.isfinite(ratio) & (ratio > NOISE_RATIO_WARN)
+        if noisy.any():
+            problems.append(f"escape noise ratio {float(np.max(ratio[noisy])):.2g} > {NOISE_RATIO_WARN} at lr = "
+                            f"{sorted(set(lr_col[noisy].tolist()))}: the escape is noise-driven and the DE "
+                            "(a mean) may be far from single runs")
         if de_div.any():
             problems.append(f"the DE diverged at lr = {sorted(set(lr_col[de_div].tolist()))}")
         if instance is not None:
@@ -397,7 +405,7 @@ def theory_checks(theory: list, measured: record.Curves | None = None, lrs=None,
                 sel = np.isclose(measured.columns["lr"], lr, rtol=1e-12, atol=0)
                 if sel.any():
                     frac[float(lr)] = float(run_div[sel].mean())
-            entry["runs_diverged"] = [frac.get(float(x), float("nan")) for x in lr_col]
+            entry["runs_diverged_fraction"] = [frac.get(float(x), float("nan")) for x in lr_col]
             bad = [lr for lr, f in frac.items() if f > 0 and not de_div[np.isclose(lr_col, lr)].all()]
             if bad:
                 problems.append(f"measured runs diverged at lr = {sorted(bad)}; the DE (a mean) predicts no "

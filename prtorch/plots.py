@@ -10,7 +10,7 @@ import numpy as np
 
 LOG_METRICS = {"mse": True, "loss": True}
 LABELS = {"mse": "parameter MSE  min(||w-w*||², ||w+w*||²)/d", "loss": "population loss L(w)",
-          "s": "s = wᵀQw", "u": "|u| = |wᵀQw*|", "one_minus_u": "1 - |u|"}
+          "s": "s = wᵀQw", "u": "|u| = |wᵀQw*|", "one_minus_u": "1 - |u|  (log: |u| > 1 not drawn)"}
 THEORY_STYLE = {"gf": dict(color="k", ls="--", lw=1.8, label="gradient flow (theory)"),
                 "sgd_de": dict(ls=":", lw=2.2, label="SGD deterministic equivalent"),
                 "phase3": dict(color="tab:purple", ls="-.", lw=1.5, label="Phase III prediction from GF at T2")}
@@ -43,6 +43,7 @@ def draw_metric(ax, metric, measured, theory=(), phases=None, transform=None, gr
     # u is drawn as |u|: runs end at +w* or -w* alike, and a median of signed u would be meaningless
     tf = (lambda v: 1 - np.abs(v)) if metric == "one_minus_u" else (np.abs if metric == "u" else f)
     colors = {}
+    scale = []  # the start and the theory curves: the y-range a reader needs (log panels)
     key = group if (group and measured is not None and group in measured.columns) else "lr"
     if measured is not None:
         lrs = measured.columns.get(key, np.zeros(measured.n_curves))
@@ -55,10 +56,23 @@ def draw_metric(ax, metric, measured, theory=(), phases=None, transform=None, gr
             with warnings.catch_warnings():  # all-NaN rows (a diverged lr) are simply not drawn
                 warnings.simplefilter("ignore", RuntimeWarning)
                 t = np.nanmedian(measured.time[:, sel], axis=1)
-                med = np.nanmedian(tf(measured.values[src][:, sel]), axis=1)
+                vals = tf(measured.values[src][:, sel])
+                med = np.nanmedian(vals, axis=1)
+            # a median is drawn only while at least half of its replicas are alive (not diverged)
+            med = np.where(np.isfinite(vals).sum(1) >= (len(sel) + 1) // 2, med, np.nan)
             lab = f"{measured.model.upper()} median of {len(sel)}" + (
                 f" ({key}={lr:g})" if len(np.unique(lrs)) > 1 or (lr and key == "lr") else "")
             ax.plot(*_positive(t, med, log_y), color=colors[lr], lw=2.2, label=lab)
+            scale.append(med[:1])  # the start; the rest of the range comes from the theory curves
+            # a replica that diverged (NaN values where it has record times) ends with an x
+            for r in sel:
+                y = tf(measured.values[src][:, r])
+                has_t = np.isfinite(measured.time[:, r])
+                if np.any(has_t & ~np.isfinite(y)) and np.isfinite(y).any():
+                    k = np.flatnonzero(np.isfinite(y))[-1]
+                    seen = "diverged replica (last record)" in ax.get_legend_handles_labels()[1]
+                    ax.plot(measured.time[k, r], y[k], "x", color=colors[lr], ms=6, mew=1.5,
+                            label=None if seen else "diverged replica (last record)")
     for th in theory:
         style = dict(THEORY_STYLE.get(th.model, dict(ls="--", label=th.model)))
         lrs = th.columns.get(key)
@@ -75,14 +89,22 @@ def draw_metric(ax, metric, measured, theory=(), phases=None, transform=None, gr
             elif st.get("label") is not None:
                 labelled.add(st["label"])
             ax.plot(*_positive(th.time[:, r], tf(th.values[src][:, r]), log_y), **st)
+            scale.append(tf(th.values[src][:, r]))
     for i, (name, t) in enumerate((phases or {}).items()):
         if t is not None and np.isfinite(t) and t > 0:
             ax.axvline(t, color="gray", ls=":", lw=1)
-            ax.text(t, 0.98 - 0.07 * i, f" {name}", transform=ax.get_xaxis_transform(), va="top",
+            ax.text(t, 0.98 - 0.07 * i, " " + str(name).replace("_prime", "'"), transform=ax.get_xaxis_transform(), va="top",
                     fontsize=8, color="gray")
     ax.set_xscale("log")
     if log_y:
         ax.set_yscale("log")
+        with np.errstate(all="ignore"), warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)
+            tops = [float(np.nanmax(np.where(np.asarray(v) > 0, v, np.nan))) for v in scale
+                    if np.any(np.asarray(v) > 0)]
+        top = 100 * max(tops) if tops else float("nan")
+        if np.isfinite(top) and ax.get_ylim()[1] > top:  # diverging replicas would squash the rest
+            ax.set_ylim(top=top)
     ax.set_xlabel("time t = lr · steps")
     ax.set_ylabel(LABELS.get(metric, metric))
     ax.grid(True, which="both", alpha=0.2)

@@ -96,9 +96,10 @@ def test_divergence_is_recorded_and_others_go_on(tmp_path):
     # the SGD equivalent is flagged at lr = 2: past the GD edge, and the runs diverged there
     chk = s["theory_checks"]["sgd_de"]
     assert chk["lr"] == [0.005, 2.0] and chk["gd_stability_edge"] < 2.0
-    assert chk["runs_diverged"] == [0.0, 1.0] and chk["reliable"] is False and "2.0" in chk["warning"]
+    assert chk["runs_diverged_fraction"] == [0.0, 1.0] and chk["reliable"] is False and "2.0" in chk["warning"]
     st = s["theory_checks"]["stability"]
     assert st["past_edge"] == [False, True] and st["gd_stability_edge"] == chk["gd_stability_edge"]
+    assert st["runs_diverged_fraction"] == [0.0, 1.0]
     assert "2.0" in st["warning"]
 
 

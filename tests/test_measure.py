@@ -183,10 +183,12 @@ def test_phase_report_on_sgd_run():
     assert math.isfinite(rep["phases"]["T2"]["bound"])
     assert all(math.isfinite(rep["phases"][k]["models"]["gf"]) for k in ("T1", "T1_prime", "T2"))
     om = rep["exponents"]["one_minus_u"]
-    assert set(om["candidates"]) == {"paper_bound", "appendix", "tail_mass"}
+    assert set(om["candidates"]) == {"paper_bound", "appendix", "tail_mass", "tail_mass_finite_d"}
+    assert om["candidates"]["tail_mass_finite_d"] == om["predicted_window"]
     assert set(om["closest"].split("+")) <= set(om["candidates"])
     assert om["candidates"]["appendix"] == om["candidates"]["tail_mass"] == 0.5  # a = 2: a tie
-    assert om["closest"] in ("paper_bound", "appendix+tail_mass")
+    dist = {k: abs(v - om["measured"]["value"]) for k, v in om["candidates"].items()}
+    assert dist[om["closest"].split("+")[0]] == min(dist.values())
     # the predicted growth rate is what GF shows (5% low here: u(0) ~ 0, so the non-dominant roots
     # weigh on the short fit window), and SGD is close at this step size
     rho = rep["exponents"]["rho"]
