@@ -103,8 +103,21 @@ def atomic_write_text(path, text: str) -> None:
     _atomic_write(path, lambda f: f.write(text.encode()))
 
 
+def _finite_or_none(obj):
+    """``obj`` with every non-finite float (NaN: not measured, inf) as None, recursively."""
+    if isinstance(obj, float):
+        return obj if np.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {k: _finite_or_none(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_finite_or_none(v) for v in obj]
+    return obj
+
+
 def atomic_write_json(path, obj) -> None:
-    atomic_write_text(path, json.dumps(obj, indent=2, default=_json_default, allow_nan=True) + "\n")
+    """Strict JSON (readable by any parser): NaN and inf are written as ``null``."""
+    obj = _finite_or_none(json.loads(json.dumps(obj, default=_json_default, allow_nan=True)))
+    atomic_write_text(path, json.dumps(obj, indent=2, allow_nan=False) + "\n")
 
 
 def atomic_savez(path, **arrays) -> None:

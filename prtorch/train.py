@@ -189,13 +189,14 @@ def _record_failure(out: Path, cfg: dict, e: BaseException, write) -> None:
 
 
 def _report(summary: dict, out: Path) -> None:
-    f = summary.get("final", {})
+    # summary.json writes NaN as null: read back (skipped runs) as NaN
+    f = {k: (float("nan") if v is None else v) for k, v in (summary.get("final") or {}).items()}
     state = "skipped (already finished)" if summary.get("skipped") else summary["status"]
     per_lr = summary.get("per_lr") or []
     which = f" (lr={per_lr[0]['settings']['lr']:g}; per_lr in summary.json)" if len(per_lr) > 1 else ""
     print(f"prtorch: {summary.get('name', '')}: {state}; final median{which} mse={f.get('mse', float('nan')):.3g}, "
           f"loss={f.get('loss', float('nan')):.3g}, u={f.get('u', float('nan')):.3f}; "
-          f"{summary.get('steps_per_second', float('nan')):.3g} steps/s")
+          f"{summary.get('steps_per_second') or float('nan'):.3g} steps/s")
     print(f"prtorch: files in {out}  (figure: {out / 'figures' / 'mse.png'})")
 
 

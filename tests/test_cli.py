@@ -30,7 +30,10 @@ def test_single_run_writes_all_files(tmp_path):
     p = cli(tmp_path, *SMALL, "logger=none")
     run = tmp_path / "runs" / "data.a=1.5,data.d=40,optim.lr=0.01,replicas=3,theory.sgd_de=true,train.log_per_decade=8,train.time=30"
     assert str(run) in p.stdout
-    s = json.loads((run / "summary.json").read_text())
+    def strict(token):
+        raise AssertionError(f"summary.json is not strict JSON: {token}")
+
+    s = json.loads((run / "summary.json").read_text(), parse_constant=strict)
     assert s["status"] == "ok" and s["steps"] == 3000 and s["steps_per_second"] > 0
     assert s["config"]["data"]["d"] == 40 and s["wall_time"] > 0
     assert set(s["final"]) >= {"mse", "loss", "s", "u"}
@@ -91,7 +94,7 @@ def test_divergence_is_recorded_and_others_go_on(tmp_path):
     healthy, dead = s["per_lr"]
     assert s["phases"] == healthy["phases"] and healthy["settings"]["n_diverged"] == 0
     assert dead["settings"]["n_diverged"] == 2 and dead["phases"]["T2"]["measured"]["n"] == 0
-    assert healthy["phases"]["T1"]["measured"]["n"] == 2 and math.isnan(dead["final"]["mse"])
+    assert healthy["phases"]["T1"]["measured"]["n"] == 2 and dead["final"]["mse"] is None
     assert healthy["final"]["mse"] == pytest.approx(s["final"]["mse"])
     # the SGD equivalent is flagged at lr = 2: past the GD edge, and the runs diverged there
     chk = s["theory_checks"]["sgd_de"]
