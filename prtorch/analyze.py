@@ -399,9 +399,9 @@ def _aggregate(entries: list) -> dict:
         if models:  # each model measured on each run's own instance: the median over runs
             out["models"] = {name: float(np.nanmedian(v)) if np.isfinite(v).any() else float("nan")
                              for name, v in models.items()}
-        for k, v in entries[0].items():
-            if k in ("measured", "predicted") or isinstance(v, (str, dict)) or v is None:
-                continue
+        numeric = list(dict.fromkeys(k for e in entries for k, v in e.items()
+                                     if isinstance(v, (int, float)) and not isinstance(v, bool)))
+        for k in (k for k in numeric if k not in ("measured", "predicted")):  # null in one run's summary (NaN) does not hide the others
             xs = np.array([_num(e.get(k)) for e in entries])
             out[k] = float(np.nanmedian(xs)) if np.isfinite(xs).any() else float("nan")
     return out
@@ -498,16 +498,16 @@ def _entry_columns(name: str, e: dict) -> dict:
         if isinstance(v, dict):  # models -> <name>_<model>; candidates -> <name>_cand_<law>
             pre = {"models": f"{name}_", "candidates": f"{name}_cand_"}.get(k, f"{name}_{k}_")
             for kk, vv in v.items():
-                if isinstance(vv, (int, float)) and not isinstance(vv, bool):
-                    row[f"{pre}{kk}"] = float(vv)
+                if vv is None or (isinstance(vv, (int, float)) and not isinstance(vv, bool)):
+                    row[f"{pre}{kk}"] = _num(vv)  # null in summary.json: not measured (NaN)
         elif isinstance(v, bool):
             row[f"{name}_{k}"] = v
         elif isinstance(v, (int, float)):
             row[f"{name}_{k}"] = float(v)
         elif isinstance(v, str) and len(v) <= 40:
             row[f"{name}_{k}"] = v
-        elif v is None:
-            row[f"{name}_{k}"] = ""
+        elif v is None:  # null: a text field not set (closest law), else a number not measured
+            row[f"{name}_{k}"] = "" if k == "closest" else float("nan")
     return row
 
 
@@ -1056,7 +1056,7 @@ def add_phase3_slopes(points: list) -> None:
             continue
         lo, hi = _window_of(e)
         p3 = point_phase3(p)
-        t2 = _entry_value(p.phases.get("T2") or {})
+        t2 = _entry_value(_lead(p)[1].get("T2") or {})  # the T2 the curve starts from
         if p3 is None or not (np.isfinite(lo) and np.isfinite(hi)):
             continue
         tau, y = _drop_curve(p3.time[:, 0], p3.values["mse"][:, 0], t2)

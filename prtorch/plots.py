@@ -64,11 +64,13 @@ def draw_metric(ax, metric, measured, theory=(), phases=None, transform=None, gr
                 f" ({key}={lr:g})" if len(np.unique(lrs)) > 1 or (lr and key == "lr") else "")
             ax.plot(*_positive(t, med, log_y), color=colors[lr], lw=2.2, label=lab)
             scale.append(med[:1])  # the start; the rest of the range comes from the theory curves
-            # a replica that diverged (NaN values where it has record times) ends with an x
+            # a replica that diverged (NaN values where it has record times, or flagged in a
+            # ``diverged`` column: curves read back from metrics.csv end at the divergence) ends with an x
+            flagged = np.asarray(measured.columns.get("diverged", np.zeros(measured.n_curves, bool)), bool)
             for r in sel:
                 y = tf(measured.values[src][:, r])
                 has_t = np.isfinite(measured.time[:, r])
-                if np.any(has_t & ~np.isfinite(y)) and np.isfinite(y).any():
+                if (flagged[r] or np.any(has_t & ~np.isfinite(y))) and np.isfinite(y).any():
                     k = np.flatnonzero(np.isfinite(y))[-1]
                     seen = "diverged replica (last record)" in ax.get_legend_handles_labels()[1]
                     ax.plot(measured.time[k, r], y[k], "x", color=colors[lr], ms=6, mew=1.5,
@@ -135,18 +137,21 @@ def run_figures(out_dir, measured, theory=(), phases=None, title="") -> list:
 
 def linear_top(measured, theory=(), metric: str = "u") -> float:
     """Upper y-limit of a linear ``|u|`` or ``s`` panel: 1.3 x the largest value of the theory curves
-    (``s*``-scale), else the measured 95th percentile, so that a diverging replica does not flatten
-    the rest."""
-    top = float("nan")
+    (the ``s*`` scale), raised to the measured median where that lies above (noise, few replicas) but
+    never past 3 x the theory scale, so that a diverging replica does not flatten the rest; without
+    theory, 1.3 x the measured median's maximum."""
     with np.errstate(all="ignore"), warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)
         th = [float(np.nanmax(np.abs(c.values[metric]))) for c in theory
               if metric in c.values and np.isfinite(c.values[metric]).any()]
-        if th:
-            top = max(th)
-        elif measured is not None and np.isfinite(measured.values[metric]).any():
-            top = float(np.nanpercentile(np.abs(measured.values[metric]), 95))
-    return 1.3 * top if np.isfinite(top) and top > 0 else 1.05
+        med = (float(np.nanmax(np.nanmedian(np.abs(measured.values[metric]), axis=1)))
+               if measured is not None and np.isfinite(measured.values[metric]).any() else float("nan"))
+    if th:
+        base = max(th)
+        top = 1.3 * base if not med > 1.3 * base else min(1.05 * med, 3.0 * base)
+    else:
+        top = 1.3 * med
+    return top if np.isfinite(top) and top > 0 else 1.05
 
 
 def _save(fig, path: Path) -> Path:

@@ -445,7 +445,8 @@ def phase_report(measured: Curves, predicted: dict | None = None, lam=None, w_st
     cands = P.one_minus_u_exponents(a) if tail else {}
     exps = {
         "rho": entry(ex["rho"], rho, "phases.growth_rate: root > 4 s* lambda_1 of the secular equation",
-                     f"fit u = C e^(rho t) + b on t <= min(T1, s/s* = {s_lin}) (delta = {delta})",
+                     f"fit u = C e^(rho t) + b on t <= min(T1, s/s* = {s_lin}) (delta = {delta}); NaN where "
+                     "|u| grows less than 2x in that window (small d: |u(0)| ~ d^-1/2 already near delta)",
                      "rho", "exp"),
         "mse_tail_drop": entry(ex["mse_tail_drop"], P.mse_drop_exponent(a) if tail else float("nan"),
                                "1/a (middle regime of S_d)",
