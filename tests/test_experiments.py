@@ -296,3 +296,17 @@ def test_wandb_summary_flattens_per_lr_reports():
     assert f["per_lr/lr=0.001/phases/T1/measured/value"] == 2.0
     assert f["per_lr/lr=0.03/phases/T1/measured/value"] == 3.0
     assert f["theory_checks/sgd_de/reliable"] is True and "theory_checks/sgd_de/escape_noise_ratio" not in f
+
+
+def test_pooling_runs_ignores_a_null_in_one_of_them():
+    """summary.json writes NaN as null: the first run's null must not hide the other runs' values."""
+    e0 = {"measured": {"value": None, "ci_low": None, "ci_high": None, "n": 0}, "predicted": 0.5,
+          "predicted_window": None, "models": {"gf": None}, "closest": None}
+    e1 = {"measured": {"value": 0.4, "ci_low": 0.3, "ci_high": 0.5, "n": 3}, "predicted": 0.5,
+          "predicted_window": 0.38, "models": {"gf": 0.41}, "closest": "tail_mass"}
+    out = A._aggregate([e0, e1])
+    assert out["predicted_window"] == 0.38 and out["models"]["gf"] == 0.41
+    assert out["measured"]["value"] == 0.4 and out["measured"]["n"] == 3 and out["measured"]["runs"] == 2
+    row = A._entry_columns("one_minus_u", e0)
+    assert np.isnan(row["one_minus_u_gf"]) and np.isnan(row["one_minus_u_predicted_window"])
+    assert row["one_minus_u_closest"] == ""
