@@ -56,6 +56,7 @@ from pathlib import Path
 
 import numpy as np
 
+from prtorch.plots import PHASE_LABEL  # matplotlib itself is imported lazily there
 from prtorch.record import METRICS, Curves
 
 PROG = "prtorch-analyze"
@@ -68,7 +69,6 @@ SHORT = {"data.a": "a", "data.d": "d", "optim.lr": "lr", "optim.batch_size": "B"
 X_PRIORITY = ("data.a", "data.d", "optim.lr", "optim.batch_size", "init.norm", "data.label_noise")
 COLOUR_PRIORITY = ("data.d", "optim.lr", "optim.batch_size", "init.norm", "data.a", "data.label_noise")
 PHASES = ("T1", "T1_prime", "T2")
-PHASE_LABEL = {"T1": "T1", "T1_prime": "T1'", "T2": "T2"}
 EXPONENTS = ("rho", "mse_tail_drop", "one_minus_u", "loss_tail", "tail_mass")
 EXP_LABEL = {"rho": "Phase I growth rate rho", "mse_tail_drop": "Phase III: MSE-drop exponent (1/a)",
              "one_minus_u": "Phase IIb: decay exponent of 1-|u|", "loss_tail": "Phase III: loss decay exponent",
@@ -424,17 +424,16 @@ def _remeasure(run: Run, lr: float) -> dict | None:
     meas, inst = run.measured(), run.instance()
     if meas is None or inst is None or "lr" not in meas.columns:
         return None
-    mask = np.isclose(meas.columns["lr"], lr, rtol=1e-12, atol=0)
+    mask = meas.lr_mask(lr)
     if not mask.any():
         return None
     pred = {}
     for th in run.theory():
-        if th.model == "sgd_de" and "lr" in th.columns:
-            sel = np.isclose(th.columns["lr"], lr, rtol=1e-12, atol=0)
-            if sel.any():
-                pred[th.model] = _subset(th, sel)
-        elif th.model != "sgd_de":
-            pred[th.model] = th
+        sel = th.lr_mask(lr)
+        if th.model == "phase3":  # a curve drawn, not a model measured (as in job.measure)
+            continue
+        if sel.any():
+            pred[th.model] = th.subset(sel)
     m = {"delta": run.cfg.get("measure.delta"), "eps": run.cfg.get("measure.eps")}
     kw = {k: float(v) for k, v in m.items() if v is not None}
     nb = run.cfg.get("measure.bootstrap")
@@ -446,11 +445,6 @@ def _remeasure(run: Run, lr: float) -> dict | None:
                             seed=int(run.cfg.get("seed", 0) or 0), **kw)
     except Exception:
         return None
-
-
-def _subset(c: Curves, sel) -> Curves:
-    return Curves(c.model, c.time[:, sel], {k: v[:, sel] for k, v in c.values.items()},
-                  {k: np.asarray(v)[sel] for k, v in c.columns.items()})
 
 
 def measure_points(points: list) -> None:
@@ -605,7 +599,7 @@ def _sum_replicas(p: Point) -> int:
         m = r.measured()
         if m is None:
             continue
-        n += int(np.sum(_lr_mask(m, p.lr)))
+        n += int(np.sum(m.lr_mask(p.lr)))
     return n
 
 
@@ -638,7 +632,7 @@ def _final_of(c: Curves | None) -> dict:
     if c is None:
         return out
     if "diverged" in c.columns and np.any(c.columns["diverged"]):  # as in summary.json: left out
-        c = _subset(c, ~np.asarray(c.columns["diverged"], dtype=bool))
+        c = c.subset(~np.asarray(c.columns["diverged"], dtype=bool))
         if c.n_curves == 0:
             return {k: float("nan") for k in ("time", "mse", "loss", "s", "u", "abs_u")}
     last_t = [c.time[np.flatnonzero(np.isfinite(c.values["mse"][:, r]))[-1], r] for r in range(c.n_curves)
@@ -666,12 +660,6 @@ def write_csv(path: Path, rows: list, fields: list) -> None:
 
 # ----------------------------------------------------------------------------------------------
 # curves of a point
-
-def _lr_mask(c: Curves, lr) -> np.ndarray:
-    if lr is None or "lr" not in c.columns:
-        return np.ones(c.n_curves, dtype=bool)
-    return np.isclose(np.asarray(c.columns["lr"], dtype=float), lr, rtol=1e-12, atol=0)
-
 
 def _concat(curves: list, model: str) -> Curves | None:
     curves = [c for c in curves if c is not None and c.n_curves > 0]
@@ -706,7 +694,7 @@ def point_measured(p: Point, runs=None) -> Curves | None:
     for r in (p.runs if runs is None else runs):
         m = r.measured()
         if m is not None:
-            cs.append(_tag_seed(_subset(m, _lr_mask(m, p.lr)), r))
+            cs.append(_tag_seed(m.at_lr(p.lr), r))
     model = str(p.runs[0].cfg.get("optim.algorithm", "sgd")) if p.runs else "sgd"
     return _concat(cs, model)
 
@@ -719,9 +707,7 @@ def point_theory(p: Point, models=("gf", "sgd_de")) -> list:
             for th in r.theory():
                 if th.model != name:
                     continue
-                if name == "sgd_de" and p.lr is not None and "lr" in th.columns:
-                    th = _subset(th, _lr_mask(th, p.lr))
-                cs.append(_tag_seed(th, r))
+                cs.append(_tag_seed(th.at_lr(p.lr), r))
         c = _concat(cs, name)
         if c is not None:
             out.append(c)
@@ -952,15 +938,17 @@ def _colours(values: list):
     return {v: cmap(0.05 + 0.85 * i / max(n - 1, 1)) for i, v in enumerate(values)}
 
 
+def _titled(name: str) -> str:
+    """``"<name>: "`` as a title prefix, or nothing for an unnamed sweep."""
+    return f"{name}: " if name else ""
+
+
 def _suptitle(fig, text: str, fontsize: float = 10, **kw) -> None:
     """``fig.suptitle`` wrapped to the figure's width (long metric labels were cut at both sides)."""
     import textwrap
 
-    text = text.strip()
-    if text.startswith(": "):  # no sweep name
-        text = text[2:]
     width = max(40, int(fig.get_figwidth() * 72 / (0.6 * fontsize)))
-    fig.suptitle(textwrap.fill(text, width), fontsize=fontsize, **kw)
+    fig.suptitle(textwrap.fill(text.strip(), width), fontsize=fontsize, **kw)
 
 
 def _median_curve(c: Curves, metric: str):
@@ -1032,7 +1020,7 @@ def sweep_curve_figure(points: list, keys: list, metric: str, out: Path, dpi: in
         plt.close(fig)
         return None
     name = points[0].runs[0].cfg.get("name") or ""
-    _suptitle(fig, f"{name}: {LABELS.get(metric, metric)} - median per sweep point (solid), gradient flow "
+    _suptitle(fig, _titled(name) + f"{LABELS.get(metric, metric)} - median per sweep point (solid), gradient flow "
                  "(dashed)", fontsize=10)
     return _save(fig, out / f"sweep_{metric}.png", dpi)
 
@@ -1139,7 +1127,7 @@ def phase3_figure(points: list, keys: list, out: Path, dpi: int, by=None) -> Pat
         plt.close(fig)
         return None
     name = points[0].runs[0].cfg.get("name") or ""
-    _suptitle(fig, f"{name}: Phase III, the MSE drop after T2 (u = 1 - eps)", fontsize=10)
+    _suptitle(fig, _titled(name) + "Phase III, the MSE drop after T2 (u = 1 - eps)", fontsize=10)
     return _save(fig, out / "phase3.png", dpi)
 
 
@@ -1291,7 +1279,7 @@ def sweep_scalar_figures(points: list, keys: list, out: Path, dpi: int, by=None)
 
     _scalar_panel(axes[3], points, x_key, series, final_mse, "final MSE (median over replicas)", log_x, True)
     axes[3].set_ylabel("MSE at t_end")
-    _suptitle(fig, f"{name}: phase times vs {SHORT.get(x_key, x_key)} (median, 95% bootstrap CI over replicas; pooled seeds: the envelope of the runs' CIs)",
+    _suptitle(fig, _titled(name) + f"phase times vs {SHORT.get(x_key, x_key)} (median, 95% bootstrap CI over replicas; pooled seeds: the envelope of the runs' CIs)",
                  fontsize=10)
     paths.append(_save(fig, out / "sweep_phases.png", dpi))
     # exponents
@@ -1301,7 +1289,7 @@ def sweep_scalar_figures(points: list, keys: list, out: Path, dpi: int, by=None)
         _scalar_panel(ax, points, x_key, series, lambda p, k=k: p.exponents.get(k), EXP_LABEL[k], log_x,
                       k == "rho", extra)
         ax.set_ylabel(k)
-    _suptitle(fig, f"{name}: exponents vs {SHORT.get(x_key, x_key)} (median, 95% bootstrap CI over replicas; pooled seeds: the envelope of the runs' CIs)",
+    _suptitle(fig, _titled(name) + f"exponents vs {SHORT.get(x_key, x_key)} (median, 95% bootstrap CI over replicas; pooled seeds: the envelope of the runs' CIs)",
                  fontsize=10)
     paths.append(_save(fig, out / "sweep_exponents.png", dpi))
     # escape vs tail, side by side
@@ -1314,7 +1302,7 @@ def sweep_scalar_figures(points: list, keys: list, out: Path, dpi: int, by=None)
     axes[1].set_ylabel("exponent")
     _scalar_panel(axes[2], points, x_key, series, final_mse, "MSE left at the end of the run (median)", log_x, True)
     axes[2].set_ylabel("MSE at t_end")
-    _suptitle(fig, f"{name}: escape vs tail across {SHORT.get(x_key, x_key)}", fontsize=10)
+    _suptitle(fig, _titled(name) + f"escape vs tail across {SHORT.get(x_key, x_key)}", fontsize=10)
     paths.append(_save(fig, out / "escape_vs_tail.png", dpi))
     return paths
 

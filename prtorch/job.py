@@ -235,13 +235,12 @@ def _run(cfg, out, instance, state, lrs, algorithm, n_steps, steps, dev, dtype, 
         _restore_signals(old)
     progress.close()
     # a kill from here on (theory, figures, W&B) loses no simulation: a rerun resumes at the end
-    save_checkpoint(res.extra["state"])
+    save_checkpoint(res.extra["state"])  # also writes metrics.csv
 
     measured = _trim(res.curves, cfg["train"]["time"])
     # larger learning rates run past the horizon (the steps are shared); what happens there is not
     # part of the run
     diverged = [dv for dv in res.diverged if dv["time"] <= cfg["train"]["time"] * (1 + 1e-9)]
-    _write_metrics(out, res.extra["state"], lrs, algorithm, cfg["train"]["time"])
     theory = compute_theory(cfg, instance, measured, lrs)
     record.atomic_write_csv(out / "theory.csv", (r for c in theory for r in c.rows({"model": c.model})),
                             THEORY_FIELDS)
@@ -254,8 +253,8 @@ def _run(cfg, out, instance, state, lrs, algorithm, n_steps, steps, dev, dtype, 
         steps=n_steps,
         steps_per_second=res.steps_per_second,
         # with several learning rates: the first one's, like phases/exponents (per_lr holds each)
-        final=_final(_at_lr(measured, lrs[0]) if len(lrs) > 1 else measured),
-        final_theory={c.model: _final(_at_lr(c, lrs[0]) if len(lrs) > 1 else c) for c in theory},
+        final=_final(measured.at_lr(lrs[0])),
+        final_theory={c.model: _final(c.at_lr(lrs[0])) for c in theory},
         diverged=diverged,
         **report,
     )
@@ -266,9 +265,9 @@ def _run(cfg, out, instance, state, lrs, algorithm, n_steps, steps, dev, dtype, 
         summary["warning"] = ("MSE fell below 1e-7: float32 weights (relative precision 6e-8) may stall "
                               "in the late tail; rerun with dtype=float64 to check")
         log.warning(summary["warning"])
-    from prtorch.plots import run_figures
+    from prtorch.plots import PHASE_LABEL, run_figures
 
-    phase_times = {k: v["measured"]["value"] for k, v in report.get("phases", {}).items()
+    phase_times = {PHASE_LABEL.get(k, k): v["measured"]["value"] for k, v in report.get("phases", {}).items()
                    if isinstance(v, dict) and isinstance(v.get("measured"), dict)}
     figures = run_figures(out / "figures", measured, theory, phase_times, title=name)
     summary["figures"] = [str(p) for p in figures]
@@ -346,21 +345,25 @@ def theory_checks(theory: list, measured: record.Curves | None = None, lrs=None,
     the edge, with a ``warning`` if any is (GF, the theory of every run, cannot show it).
     """
     out = {}
-    if instance is not None and lrs is not None and algorithm in ("sgd", "gd"):
-        from prtorch.theory.phases import gd_stability_edge
+    from prtorch.theory.measure import finite_curves
+    from prtorch.theory.phases import gd_stability_edge
 
+    edge = float("nan")
+    if instance is not None:
         try:
             edge = float(gd_stability_edge(instance.lam, instance.w_star))
-        except ValueError:
-            edge = float("nan")
-        lr_all = [float(x) for x in np.atleast_1d(lrs)]
+        except ValueError:  # w* with no weight on the spectrum
+            pass
+    lr_all = [float(x) for x in np.atleast_1d(lrs)] if lrs is not None else []
+    # what the runs did at each learning rate
+    run_div = {}
+    if measured is not None and "lr" in measured.columns:
+        dead = ~finite_curves(measured)
+        run_div = {lr: float(dead[measured.lr_mask(lr)].mean()) for lr in lr_all if measured.lr_mask(lr).any()}
+    if instance is not None and lr_all and algorithm in ("sgd", "gd"):
         st = {"gd_stability_edge": edge, "lr": lr_all, "past_edge": [bool(x > edge) for x in lr_all]}
-        if measured is not None and "lr" in measured.columns:  # what the runs did at each lr
-            from prtorch.theory.measure import finite_curves
-
-            dead = ~finite_curves(measured)
-            st["runs_diverged_fraction"] = [
-                float(dead[np.isclose(measured.columns["lr"], x, rtol=1e-12, atol=0)].mean()) for x in lr_all]
+        if run_div:
+            st["runs_diverged_fraction"] = [run_div.get(x, float("nan")) for x in lr_all]
         if any(st["past_edge"]):
             st["warning"] = (f"lr = {[x for x in lr_all if x > edge]} is past the stability edge of GD at the "
                              f"optimum, 1/rho = {edge:.3g}: {algorithm.upper()} oscillates or diverges there, and "
@@ -370,8 +373,6 @@ def theory_checks(theory: list, measured: record.Curves | None = None, lrs=None,
     for c in theory:
         if c.model != "sgd_de":
             continue
-        from prtorch.theory.phases import gd_stability_edge
-        from prtorch.theory.measure import finite_curves
         from prtorch.theory.sgd_equivalent import NOISE_RATIO_WARN
 
         ratio = np.asarray(c.info.get("escape_noise_ratio", np.full(c.n_curves, np.nan)), dtype=float)
@@ -388,25 +389,15 @@ def theory_checks(theory: list, measured: record.Curves | None = None, lrs=None,
         if de_div.any():
             problems.append(f"the DE diverged at lr = {sorted(set(lr_col[de_div].tolist()))}")
         if instance is not None:
-            try:
-                edge = gd_stability_edge(instance.lam, instance.w_star)
-            except ValueError:
-                edge = float("nan")
-            entry["gd_stability_edge"] = float(edge)
+            entry["gd_stability_edge"] = edge
             past = lr_col > edge
             if past.any():
                 unseen = "" if de_div[past].all() else ", which the DE does not see"
                 problems.append(f"lr = {sorted(set(lr_col[past].tolist()))} is past the GD stability edge "
                                 f"{edge:.3g} (1/rho){unseen}")
-        if measured is not None and "lr" in measured.columns:
-            run_div = ~finite_curves(measured)
-            frac = {}
-            for lr in np.unique(lr_col[np.isfinite(lr_col)]):
-                sel = np.isclose(measured.columns["lr"], lr, rtol=1e-12, atol=0)
-                if sel.any():
-                    frac[float(lr)] = float(run_div[sel].mean())
-            entry["runs_diverged_fraction"] = [frac.get(float(x), float("nan")) for x in lr_col]
-            bad = [lr for lr, f in frac.items() if f > 0 and not de_div[np.isclose(lr_col, lr)].all()]
+        if run_div:
+            entry["runs_diverged_fraction"] = [run_div.get(float(x), float("nan")) for x in lr_col]
+            bad = [lr for lr, f in run_div.items() if f > 0 and not de_div[c.lr_mask(lr)].all()]
             if bad:
                 problems.append(f"measured runs diverged at lr = {sorted(bad)}; the DE (a mean) predicts no "
                                 "divergence there")
@@ -453,27 +444,14 @@ def measure(cfg: dict, instance: Instance, measured: record.Curves, theory: list
                             instance.w0, **kw)
     per_lr = []
     for lr in lrs:
-        mask = np.isclose(measured.columns["lr"], lr, rtol=1e-12, atol=0)
-        pred = {}
-        for c in models:
-            pred[c.model] = _at_lr(c, lr)
-        rep = phase_report(measured, pred, instance.lam, instance.w_star, instance.w0, mask=mask, **kw)
+        pred = {c.model: c.at_lr(lr) for c in models}
+        rep = phase_report(measured, pred, instance.lam, instance.w_star, instance.w0, mask=measured.lr_mask(lr), **kw)
         rep["settings"]["lr"] = float(lr)
-        rep["final"] = _final(_at_lr(measured, lr))
-        rep["final_theory"] = {c.model: _final(_at_lr(c, lr)) for c in theory}
+        rep["final"] = _final(measured.at_lr(lr))
+        rep["final_theory"] = {c.model: _final(c.at_lr(lr)) for c in theory}
         per_lr.append(rep)
     first = {k: v for k, v in per_lr[0].items() if k not in ("final", "final_theory")}
     return {**first, "per_lr": per_lr}
-
-
-def _at_lr(c: record.Curves, lr: float) -> record.Curves:
-    """The curves of ``c`` at learning rate ``lr`` (all of them if ``c`` has no ``lr`` column)."""
-    if "lr" not in c.columns:
-        return c
-    sel = np.isclose(np.asarray(c.columns["lr"], dtype=float), lr, rtol=1e-12, atol=0)
-    return record.Curves(c.model, c.time[:, sel], {k: v[:, sel] for k, v in c.values.items()},
-                         {k: np.asarray(v)[sel] for k, v in c.columns.items()},
-                         {k: np.asarray(v)[sel] for k, v in c.info.items()})
 
 
 def _final(c: record.Curves) -> dict:

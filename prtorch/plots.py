@@ -11,6 +11,7 @@ import numpy as np
 LOG_METRICS = {"mse": True, "loss": True}
 LABELS = {"mse": "parameter MSE  min(||w-w*||², ||w+w*||²)/d", "loss": "population loss L(w)",
           "s": "s = wᵀQw", "u": "|u| = |wᵀQw*|", "one_minus_u": "1 - |u|  (log: |u| > 1 not drawn)"}
+PHASE_LABEL = {"T1": "T1", "T1_prime": "T1'", "T2": "T2"}  # summary.json key -> label
 THEORY_STYLE = {"gf": dict(color="k", ls="--", lw=1.8, label="gradient flow (theory)"),
                 "sgd_de": dict(ls=":", lw=2.2, label="SGD deterministic equivalent"),
                 "phase3": dict(color="tab:purple", ls="-.", lw=1.5, label="Phase III prediction from GF at T2")}
@@ -45,6 +46,7 @@ def draw_metric(ax, metric, measured, theory=(), phases=None, transform=None, gr
     colors = {}
     scale = []  # the start and the theory curves: the y-range a reader needs (log panels)
     key = group if (group and measured is not None and group in measured.columns) else "lr"
+    marked = False  # one legend entry for the diverged-replica markers
     if measured is not None:
         lrs = measured.columns.get(key, np.zeros(measured.n_curves))
         for i, lr in enumerate(np.unique(lrs)):
@@ -72,9 +74,9 @@ def draw_metric(ax, metric, measured, theory=(), phases=None, transform=None, gr
                 has_t = np.isfinite(measured.time[:, r])
                 if (flagged[r] or np.any(has_t & ~np.isfinite(y))) and np.isfinite(y).any():
                     k = np.flatnonzero(np.isfinite(y))[-1]
-                    seen = "diverged replica (last record)" in ax.get_legend_handles_labels()[1]
                     ax.plot(measured.time[k, r], y[k], "x", color=colors[lr], ms=6, mew=1.5,
-                            label=None if seen else "diverged replica (last record)")
+                            label=None if marked else "diverged replica (last record)")
+                    marked = True
     for th in theory:
         style = dict(THEORY_STYLE.get(th.model, dict(ls="--", label=th.model)))
         lrs = th.columns.get(key)
@@ -95,7 +97,7 @@ def draw_metric(ax, metric, measured, theory=(), phases=None, transform=None, gr
     for i, (name, t) in enumerate((phases or {}).items()):
         if t is not None and np.isfinite(t) and t > 0:
             ax.axvline(t, color="gray", ls=":", lw=1)
-            ax.text(t, 0.98 - 0.07 * i, " " + str(name).replace("_prime", "'"), transform=ax.get_xaxis_transform(), va="top",
+            ax.text(t, 0.98 - 0.07 * i, f" {name}", transform=ax.get_xaxis_transform(), va="top",
                     fontsize=8, color="gray")
     ax.set_xscale("log")
     if log_y:

@@ -57,6 +57,23 @@ class Curves:
     def n_curves(self) -> int:
         return self.time.shape[1]
 
+    def subset(self, sel) -> "Curves":
+        """The curves selected by ``sel`` (a bool mask or indices over the ``R`` curves)."""
+        return Curves(self.model, self.time[:, sel], {k: v[:, sel] for k, v in self.values.items()},
+                      {k: np.asarray(v)[sel] for k, v in self.columns.items()},
+                      {k: np.asarray(v)[sel] for k, v in self.info.items()})
+
+    def lr_mask(self, lr) -> np.ndarray:
+        """``(R,)`` bool: the curves at learning rate ``lr`` (all of them if ``lr`` is None or the
+        curves have no ``lr`` column, e.g. gradient flow)."""
+        if lr is None or "lr" not in self.columns:
+            return np.ones(self.n_curves, dtype=bool)
+        return np.isclose(np.asarray(self.columns["lr"], dtype=float), lr, rtol=1e-12, atol=0)
+
+    def at_lr(self, lr) -> "Curves":
+        """:meth:`subset` of the curves at learning rate ``lr`` (see :meth:`lr_mask`)."""
+        return self.subset(self.lr_mask(lr))
+
     def median(self, metric: str, mask=None) -> np.ndarray:
         v = self.values[metric] if mask is None else self.values[metric][:, mask]
         with np.errstate(all="ignore"):

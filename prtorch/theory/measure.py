@@ -310,11 +310,11 @@ def finite_curves(c: Curves) -> np.ndarray:
     return ok
 
 
-def _drop_diverged(c: Curves, known=None) -> Curves:
-    """``c`` with each diverged curve (see :func:`finite_curves`, or flagged in ``known``) blanked to
-    NaN: its records up to the blow-up are not a trajectory of the dynamics being measured (``|u|``
-    passes ``1 - eps`` on the way up), so it counts as not measured rather than as an early phase time."""
-    ok = finite_curves(c) if known is None else finite_curves(c) & ~np.asarray(known, dtype=bool)
+def _drop_diverged(c: Curves, ok=None) -> Curves:
+    """``c`` with each diverged curve (not ``ok``; default :func:`finite_curves`) blanked to NaN: its
+    records up to the blow-up are not a trajectory of the dynamics being measured (``|u|`` passes
+    ``1 - eps`` on the way up), so it counts as not measured rather than as an early phase time."""
+    ok = finite_curves(c) if ok is None else ok
     if ok.all():
         return c
     return Curves(c.model, np.where(ok[None, :], c.time, np.nan),
@@ -381,9 +381,7 @@ def phase_report(measured: Curves, predicted: dict | None = None, lam=None, w_st
             diverged = diverged[np.asarray(mask)]
     if mask is not None:
         mask = np.asarray(mask)
-        measured = Curves(measured.model, measured.time[:, mask],
-                          {k: v[:, mask] for k, v in measured.values.items()},
-                          {k: np.asarray(v)[mask] for k, v in measured.columns.items()})
+        measured = measured.subset(mask)
     W0 = None if w0 is None else np.atleast_2d(np.asarray(w0, dtype=float))
     if W0 is not None:
         if mask is not None and W0.shape[0] == mask.shape[0] and mask.dtype == bool:
@@ -391,9 +389,9 @@ def phase_report(measured: Curves, predicted: dict | None = None, lam=None, w_st
         W0 = np.unique(W0, axis=0)[:max_inits]
     boot = dict(n_boot=n_boot, level=level, seed=seed)
 
-    bad = ~finite_curves(measured) if diverged is None else ~finite_curves(measured) | diverged
-    n_diverged = int(bad.sum())
-    times, ex = _measure_all(_drop_diverged(measured, diverged), lam, s_star, delta, eps, s_level, n_lo, n_hi, floor,
+    ok = finite_curves(measured) if diverged is None else finite_curves(measured) & ~diverged
+    n_diverged = int((~ok).sum())
+    times, ex = _measure_all(_drop_diverged(measured, ok), lam, s_star, delta, eps, s_level, n_lo, n_hi, floor,
                              s_lin)
     models = {}
     for name, c in (predicted or {}).items():
